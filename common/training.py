@@ -1,0 +1,192 @@
+"""The local training and evaluation steps: plain PyTorch on in-memory tensors, no I/O, no network.
+
+The worker daemon runs these in a thread; the coordinator uses :func:`evaluate` for its held-out set; a simulation
+can call them directly. ``stop`` is checked between batches so a daemon can end a job promptly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import FedlinkError
+
+__all__ = [
+    "TrainingCancelled",
+    "TrainingFailed",
+    "Metrics",
+    "make_optimizer",
+    "train_local",
+    "average_gradients",
+    "evaluate",
+    "batches",
+    "state_on_cpu",
+]
+
+
+class TrainingFailed(FedlinkError):
+    """Local training produced no usable model (e.g. the loss became NaN)."""
+
+    code = "training_failed"
+
+
+class TrainingCancelled(FedlinkError):
+    """The job was stopped (the daemon is shutting down)."""
+
+    code = "cancelled"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    loss: float
+    accuracy: float
+    num_samples: int
+    steps: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"loss": self.loss, "accuracy": self.accuracy, "steps": float(self.steps)}
+
+
+def make_optimizer(
+    params: list[nn.Parameter], *, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; expected sgd, adam or adamw")
+
+
+def batches(
+    n: int, batch_size: int, *, generator: torch.Generator | None = None
+) -> Iterator[torch.Tensor]:
+    """Index batches over ``range(n)``, shuffled by ``generator`` when given (deterministic for a seed)."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise TrainingCancelled("training stopped: the worker is shutting down")
+
+
+def train_local(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+    grad_clip: float | None = None,
+    proximal_mu: float = 0.0,
+    max_steps: int | None = None,
+    device: torch.device | str = "cpu",
+    stop: threading.Event | None = None,
+) -> Metrics:
+    """Train ``model`` in place with cross-entropy; returns loss and accuracy over the last epoch.
+
+    ``proximal_mu`` adds FedProx's ``mu/2 * ||w - w_start||^2`` (Li et al. 2020), ``w_start`` being the weights
+    the model had on entry. Shuffling and dropout are seeded from ``seed`` so a request repeats exactly.
+    """
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    model.train()
+    steps = 0
+    loss_sum, correct, seen = 0.0, 0, 0
+    for _ in range(epochs):
+        loss_sum, correct, seen = 0.0, 0, 0
+        for index in batches(len(x), batch_size, generator=generator):
+            _check_stop(stop)
+            xb, yb = x[index].to(device, non_blocking=True), y[index].to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            objective = loss
+            if proximal_mu > 0:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                objective = loss + (proximal_mu / 2) * prox
+            objective.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingFailed(f"loss became {value} at step {steps}; lower the learning rate")
+            loss_sum += value * len(index)
+            correct += int((logits.argmax(dim=1) == yb).sum())
+            seen += len(index)
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                return Metrics(loss_sum / seen, correct / seen, seen, steps)
+    return Metrics(loss_sum / max(seen, 1), correct / max(seen, 1), seen, steps)
+
+
+def average_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    stop: threading.Event | None = None,
+) -> tuple[dict[str, torch.Tensor], Metrics]:
+    """The gradient of the mean loss over all of ``x`` at the model's current weights (FedSGD's update)."""
+    device = torch.device(device)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    n = len(x)
+    loss_sum, correct = 0.0, 0
+    for index in batches(n, batch_size):
+        _check_stop(stop)
+        xb, yb = x[index].to(device), y[index].to(device)
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb, reduction="sum")
+        (loss / n).backward()
+        loss_sum += loss.item()
+        correct += int((logits.argmax(dim=1) == yb).sum())
+    grads = {
+        name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().to("cpu")
+        for name, p in model.named_parameters()
+    }
+    return grads, Metrics(loss_sum / max(n, 1), correct / max(n, 1), n, 1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    stop: threading.Event | None = None,
+) -> Metrics:
+    device = torch.device(device)
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for index in batches(len(x), batch_size):
+        _check_stop(stop)
+        xb, yb = x[index].to(device), y[index].to(device)
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == yb).sum())
+    n = len(x)
+    return Metrics(loss_sum / max(n, 1), correct / max(n, 1), n)
+
+
+def state_on_cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu") for k, v in state.items()}

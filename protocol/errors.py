@@ -1,0 +1,83 @@
+"""Errors of the wire protocol and the session layer.
+
+::
+
+    ProtocolError
+    ├── MalformedFrame        bytes that are not a valid frame or message; the connection survives
+    ├── VersionMismatch       the peer speaks another protocol version
+    ├── LimitExceeded         a frame, state or tensor is larger than the configured limits
+    ├── StateMismatch         a model state's tensor names, shapes or dtypes differ from the expected ones
+    ├── HandshakeFailed       the opening exchange did not complete (timeout, wrong role, bad hello)
+    ├── TransferError         a model state transfer broke off or was refused
+    ├── RequestTimeout        no reply within the deadline
+    ├── RemoteError           the peer answered with an ``error`` message (``code`` says which)
+    └── SessionClosed         the connection is gone; pending requests fail with this
+
+Lower-level errors (msgpack, pydantic, websockets) are chained with ``from exc``.
+"""
+
+from __future__ import annotations
+
+from fedlink.errors import FedlinkError
+
+__all__ = [
+    "ProtocolError",
+    "MalformedFrame",
+    "VersionMismatch",
+    "LimitExceeded",
+    "StateMismatch",
+    "HandshakeFailed",
+    "TransferError",
+    "RequestTimeout",
+    "RemoteError",
+    "SessionClosed",
+]
+
+
+class ProtocolError(FedlinkError):
+    """Base of everything that can go wrong on the wire."""
+
+    code = "protocol_error"
+
+
+class MalformedFrame(ProtocolError):
+    code = "malformed"
+
+
+class VersionMismatch(ProtocolError):
+    code = "version_mismatch"
+
+
+class LimitExceeded(ProtocolError):
+    code = "limit_exceeded"
+
+
+class StateMismatch(ProtocolError):
+    code = "state_mismatch"
+
+
+class HandshakeFailed(ProtocolError):
+    code = "handshake_failed"
+
+
+class TransferError(ProtocolError):
+    code = "transfer_failed"
+
+
+class RequestTimeout(ProtocolError):
+    code = "timeout"
+
+
+class RemoteError(ProtocolError):
+    """The peer refused or failed a request; ``code`` is its machine-readable reason (e.g. ``busy``)."""
+
+    def __init__(self, code: str, message: str, *, peer: str = "") -> None:
+        self.code = code
+        self.remote_message = message
+        self.peer = peer
+        where = f" from {peer}" if peer else ""
+        super().__init__(f"{code}{where}: {message}")
+
+
+class SessionClosed(ProtocolError):
+    code = "closed"

@@ -1,0 +1,28 @@
+"""Hard limits on what a peer may send; every receive path checks against one :class:`Limits`.
+
+Model states travel as many small frames (see :mod:`fedlink.protocol.tensors`), so the per-frame limit can stay
+small even for multi-gigabyte models, while the per-state limits bound what a peer can make us allocate.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Limits", "MiB", "GiB"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chunk_bytes: int = Field(1 * MiB, ge=4096, le=64 * MiB, description="size of the data frames we send")
+    max_frame_bytes: int = Field(
+        4 * MiB + 4096, ge=64 * 1024, description="largest single WebSocket message we accept"
+    )
+    max_state_bytes: int = Field(16 * GiB, ge=1, description="largest model state we accept")
+    max_tensors: int = Field(100_000, ge=1, description="most tensors in one model state")
+    max_tensor_elements: int = Field(1 << 34, ge=1, description="most elements in one tensor")
+    max_name_chars: int = Field(1024, ge=1)
+    max_dims: int = Field(16, ge=1)

@@ -1,0 +1,323 @@
+"""Model states on the wire: every tensor as name, dtype, shape and its raw little-endian bytes.
+
+A state travels as a *header* (the ordered list of :class:`TensorSpec`, carried inside a control message) and then
+the tensors' bytes back to back, cut into chunks of at most ``Limits.chunk_bytes``. Bytes are read straight from
+each tensor's own buffer when sending and written straight into a freshly allocated tensor when receiving, so a
+state is copied once per hop and never held twice. :func:`encode_state` / :func:`decode_state` pack the same
+header and bytes into one msgpack document for the cases (files, tests, benchmarks) that want a single blob.
+
+No pickle, ever: a dtype is a name from :data:`DTYPES`, a shape a list of ints, the data plain bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import LimitExceeded, MalformedFrame, StateMismatch, TransferError
+from .limits import Limits
+
+__all__ = [
+    "DTYPES",
+    "TensorSpec",
+    "StateHeader",
+    "State",
+    "header_of",
+    "check_header",
+    "iter_state_chunks",
+    "StateAssembler",
+    "encode_state",
+    "decode_state",
+]
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch supports today is little-endian
+    raise ImportError("fedlink's wire format is little-endian; big-endian hosts are not supported")
+
+State = dict[str, torch.Tensor]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
+}
+_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class TensorSpec(BaseModel):
+    """What a tensor is, without its values: enough to allocate it and to check it against a model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    dtype: str
+    shape: tuple[int, ...]
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"unsupported dtype {value!r}; expected one of {', '.join(DTYPES)}")
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _non_negative(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d < 0 for d in value):
+            raise ValueError(f"negative dimension in shape {list(value)}")
+        return value
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype].itemsize
+
+    def describe(self) -> str:
+        return f"{self.name} {self.dtype}{list(self.shape)}"
+
+
+class StateHeader(BaseModel):
+    """The ordered tensor list of a state; the bytes that follow are these tensors in this order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tensors: tuple[TensorSpec, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def by_name(self) -> dict[str, TensorSpec]:
+        return {t.name: t for t in self.tensors}
+
+
+def _spec(name: str, tensor: torch.Tensor) -> TensorSpec:
+    dtype = _NAMES.get(tensor.dtype)
+    if dtype is None:
+        raise StateMismatch(f"tensor {name!r} has dtype {tensor.dtype}, which fedlink cannot send")
+    return TensorSpec(name=name, dtype=dtype, shape=tuple(tensor.shape))
+
+
+def header_of(state: Mapping[str, torch.Tensor]) -> StateHeader:
+    """The header describing ``state`` (in its iteration order)."""
+    return StateHeader(tensors=tuple(_spec(name, t) for name, t in state.items()))
+
+
+def check_header(header: StateHeader, limits: Limits, *, expected: StateHeader | None = None) -> None:
+    """Refuse a header that breaks ``limits`` or differs from ``expected`` -- before any byte is transferred.
+
+    ``expected`` compares names, dtypes and shapes as sets of names, so a peer cannot make us allocate tensors a
+    model does not have.
+    """
+    if len(header.tensors) > limits.max_tensors:
+        raise LimitExceeded(f"state has {len(header.tensors)} tensors, limit is {limits.max_tensors}")
+    seen: set[str] = set()
+    for spec in header.tensors:
+        if spec.name in seen:
+            raise MalformedFrame(f"state names tensor {spec.name!r} twice")
+        seen.add(spec.name)
+        if len(spec.name) > limits.max_name_chars:
+            raise LimitExceeded(f"tensor name of {len(spec.name)} characters, limit is {limits.max_name_chars}")
+        if len(spec.shape) > limits.max_dims:
+            raise LimitExceeded(f"tensor {spec.name!r} has {len(spec.shape)} dimensions, limit is {limits.max_dims}")
+        if spec.numel > limits.max_tensor_elements:
+            raise LimitExceeded(
+                f"tensor {spec.name!r} has {spec.numel} elements, limit is {limits.max_tensor_elements}"
+            )
+    if header.nbytes > limits.max_state_bytes:
+        raise LimitExceeded(f"state of {header.nbytes} bytes, limit is {limits.max_state_bytes}")
+    if expected is not None:
+        _compare(header, expected)
+
+
+def _compare(got: StateHeader, expected: StateHeader) -> None:
+    want = expected.by_name()
+    have = got.by_name()
+    missing = sorted(want.keys() - have.keys())
+    extra = sorted(have.keys() - want.keys())
+    problems: list[str] = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        problems.append(f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    for name in want.keys() & have.keys():
+        if want[name] != have[name]:
+            problems.append(f"{have[name].describe()} where {want[name].describe()} was expected")
+    if problems:
+        raise StateMismatch("model state does not match the model: " + "; ".join(sorted(problems)[:8]))
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes without copying (a contiguous CPU copy is made only when it is not one already)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def iter_state_chunks(state: Mapping[str, torch.Tensor], header: StateHeader, chunk_bytes: int) -> Iterator[memoryview]:
+    """The state's bytes in ``header`` order, as views of at most ``chunk_bytes`` (no copies)."""
+    pending: list[memoryview] = []
+    pending_size = 0
+    for spec in header.tensors:
+        raw = _raw(state[spec.name])
+        if len(raw) != spec.nbytes:
+            raise StateMismatch(f"tensor {spec.name!r} changed while being sent")
+        offset = 0
+        while offset < len(raw):
+            take = min(chunk_bytes - pending_size, len(raw) - offset)
+            piece = raw[offset : offset + take]
+            offset += take
+            if not pending and take == chunk_bytes:
+                yield piece
+                continue
+            pending.append(piece)
+            pending_size += take
+            if pending_size == chunk_bytes:
+                yield memoryview(b"".join(pending))
+                pending, pending_size = [], 0
+    if pending:
+        yield memoryview(b"".join(pending))
+
+
+class StateAssembler:
+    """Rebuilds a state from its chunks, allocating each tensor once and writing bytes straight into it."""
+
+    def __init__(self, header: StateHeader) -> None:
+        self.header = header
+        self._specs = list(header.tensors)
+        self._index = 0
+        self._filled = 0
+        self._current: np.ndarray | None = None
+        self._current_tensor: torch.Tensor | None = None
+        self.received = 0
+        self.state: State = {}
+        self._advance()
+
+    @property
+    def done(self) -> bool:
+        return self._index >= len(self._specs)
+
+    def _advance(self) -> None:
+        # Zero-sized tensors are complete before any byte arrives.
+        while self._index < len(self._specs):
+            spec = self._specs[self._index]
+            tensor = torch.empty(spec.numel, dtype=DTYPES[spec.dtype])
+            if spec.nbytes == 0:
+                self.state[spec.name] = tensor.reshape(spec.shape)
+                self._index += 1
+                continue
+            self._current_tensor = tensor
+            self._current = tensor.view(torch.uint8).numpy()
+            self._filled = 0
+            return
+        self._current = None
+        self._current_tensor = None
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        if len(view) == 0:
+            raise TransferError("empty data chunk")
+        pos = 0
+        while pos < len(view):
+            if self._current is None or self._current_tensor is None:
+                raise TransferError(f"more bytes than the header announced ({self.header.nbytes})")
+            take = min(len(view) - pos, len(self._current) - self._filled)
+            self._current[self._filled : self._filled + take] = np.frombuffer(view[pos : pos + take], dtype=np.uint8)
+            self._filled += take
+            pos += take
+            if self._filled == len(self._current):
+                spec = self._specs[self._index]
+                self.state[spec.name] = self._current_tensor.reshape(spec.shape)
+                self._index += 1
+                self._advance()
+        self.received += len(view)
+
+    def result(self) -> State:
+        if not self.done:
+            raise TransferError(f"state incomplete: {self.received} of {self.header.nbytes} bytes received")
+        return self.state
+
+
+_DOC_VERSION = 1
+
+
+def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
+    """One msgpack document: ``{"v": 1, "tensors": [{"name", "dtype", "shape", "data"}, ...]}``."""
+    header = header_of(state)
+    doc: dict[str, Any] = {
+        "v": _DOC_VERSION,
+        "tensors": [
+            {"name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape), "data": _raw(state[spec.name])}
+            for spec in header.tensors
+        ],
+    }
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def decode_state(data: bytes, limits: Limits | None = None) -> State:
+    """Inverse of :func:`encode_state`; every failure is a :class:`MalformedFrame` or :class:`LimitExceeded`."""
+    limits = limits or Limits()
+    try:
+        doc = msgpack.unpackb(
+            data,
+            raw=False,
+            max_bin_len=limits.max_state_bytes,
+            max_array_len=max(limits.max_tensors, limits.max_dims),
+            max_map_len=16,
+            max_str_len=max(limits.max_name_chars, 64),
+            max_ext_len=0,
+            strict_map_key=True,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise MalformedFrame(f"not a fedlink state document: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("v") != _DOC_VERSION or not isinstance(doc.get("tensors"), list):
+        raise MalformedFrame("not a fedlink state document (expected a map with v=1 and a tensor list)")
+    entries = doc["tensors"]
+    try:
+        header = StateHeader(
+            tensors=tuple(
+                TensorSpec(name=e["name"], dtype=e["dtype"], shape=tuple(e["shape"])) for e in entries
+            )
+        )
+    except (KeyError, TypeError, ValidationError) as exc:
+        raise MalformedFrame(f"bad tensor entry in state document: {exc}") from exc
+    check_header(header, limits)
+    state: State = {}
+    for spec, entry in zip(header.tensors, entries):
+        raw = entry.get("data")
+        if not isinstance(raw, bytes) or len(raw) != spec.nbytes:
+            raise MalformedFrame(f"tensor {spec.name!r}: expected {spec.nbytes} bytes of data")
+        state[spec.name] = _view(raw, spec)
+    return state
+
+
+def _view(raw: bytes, spec: TensorSpec) -> torch.Tensor:
+    """A tensor over ``raw`` itself (no copy); the tensor keeps ``raw`` alive.
+
+    msgpack hands back immutable ``bytes``; torch warns that it cannot make them writable. The decoded state
+    is owned by the caller alone, so writing to it is as safe as writing to any fresh tensor.
+    """
+    if spec.nbytes == 0:
+        return torch.empty(spec.shape, dtype=DTYPES[spec.dtype])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(raw, dtype=torch.uint8)
+    return flat.view(DTYPES[spec.dtype]).reshape(spec.shape)

@@ -1,0 +1,189 @@
+"""A training job from start to end: connect the workers, run the rounds, evaluate, write the results."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import time
+from typing import Any
+
+import torch
+
+from fedlink.factory import ModelAllowList, build_model
+from fedlink.protocol.messages import Hello, TrainingPlan
+from fedlink.protocol.session import SessionOptions
+from fedlink.protocol.tensors import State, header_of
+from fedlink.shards import load_shard
+from fedlink.training import evaluate
+
+from . import __version__
+from .config import JobConfig
+from .errors import NotEnoughWorkers
+from .output import RunOutput
+from .progress import Progress
+from .remote import RemoteWorker
+from .rounds import RoundReport, derive_seed, run_round
+from .strategy import Strategy, build_strategy
+
+__all__ = ["Coordinator", "select_workers", "initial_state"]
+
+log = logging.getLogger("fedlink.server")
+
+# The coordinator runs the operator's own config, so it may build any factory it names.
+_TRUST_CONFIG = ModelAllowList(("*",))
+
+
+def select_workers(available: list[RemoteWorker], *, fraction: float, min_workers: int, seed: int, server_round: int) -> list[RemoteWorker]:
+    """A seeded sample of ``ceil(fraction * n)`` (at least ``min_workers``) workers, in configured order."""
+    count = min(len(available), max(min_workers, math.ceil(fraction * len(available))))
+    if count >= len(available):
+        return list(available)
+    rng = random.Random(derive_seed(seed, server_round, "sampling"))
+    chosen = set(rng.sample(range(len(available)), count))
+    return [w for i, w in enumerate(available) if i in chosen]
+
+
+def initial_state(config: JobConfig) -> tuple[torch.nn.Module, State]:
+    torch.manual_seed(config.seed)
+    model = build_model(config.model.factory, config.model.kwargs, _TRUST_CONFIG)
+    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: JobConfig,
+        *,
+        progress: Progress | None = None,
+        workers: list[RemoteWorker] | None = None,
+        options: SessionOptions | None = None,
+    ) -> None:
+        self.config = config
+        self.progress = progress or Progress()
+        self.workers = workers if workers is not None else [RemoteWorker(w.url) for w in config.workers]
+        self.options = options or SessionOptions(inbound_slots=1)
+        self.output = RunOutput(config.output)
+        self.model, self.state = initial_state(config)
+        self.strategy: Strategy = build_strategy(config.strategy.name, config.strategy.params())
+        self.history: list[dict[str, Any]] = []
+        self._eval_data: tuple[torch.Tensor, torch.Tensor] | None = None
+        if config.evaluation.data is not None:
+            self._eval_data = load_shard(config.evaluation.data).to_tensors()
+
+    def _hello(self) -> Hello:
+        return Hello(role="coordinator", peer_id=self.config.name, software=f"fedlink {__version__}")
+
+    async def connect(self) -> list[RemoteWorker]:
+        """(Re)connect every worker that is not connected; returns the connected ones in configured order."""
+        missing = [w for w in self.workers if not w.connected]
+        if missing:
+            await asyncio.gather(
+                *(
+                    w.connect(hello=self._hello(), limits=self.config.limits, timeout=self.config.timeouts.connect, options=self.options)
+                    for w in missing
+                )
+            )
+            for w in missing:
+                if not w.connected:
+                    log.warning("worker %s unreachable: %s", w.url, w.last_error)
+        return [w for w in self.workers if w.connected]
+
+    def _plan(self) -> TrainingPlan:
+        t = self.config.training
+        return TrainingPlan(
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            optimizer=t.optimizer,
+            update=t.update,
+            grad_clip=t.grad_clip,
+            max_steps=t.max_steps,
+        )
+
+    def _evaluate(self, state: State) -> tuple[float | None, float | None]:
+        if self._eval_data is None:
+            return None, None
+        self.model.load_state_dict(state)
+        metrics = evaluate(self.model, *self._eval_data, batch_size=self.config.evaluation.batch_size, device=self.config.device)
+        return metrics.accuracy, metrics.loss
+
+    async def run(self) -> list[dict[str, Any]]:
+        config = self.config
+        self.output.start()
+        header = header_of(self.state)
+        update_header = (
+            header_of(dict(self.model.named_parameters())) if config.training.update == "gradients" else header
+        )
+        try:
+            self.progress.run_started(config.name, config.rounds, [w.url for w in self.workers])
+            for server_round in range(1, config.rounds + 1):
+                available = await self.connect()
+                if len(available) < config.sampling.min_workers:
+                    reasons = "; ".join(f"{w.url}: {w.last_error}" for w in self.workers if not w.connected)
+                    raise NotEnoughWorkers(
+                        f"round {server_round}: {len(available)} workers reachable, sampling.min_workers is "
+                        f"{config.sampling.min_workers} ({reasons})"
+                    )
+                selected = select_workers(
+                    available, fraction=config.sampling.fraction, min_workers=config.sampling.min_workers,
+                    seed=config.seed, server_round=server_round,
+                )
+                loop = asyncio.get_running_loop()
+                report = await run_round(
+                    server_round,
+                    selected,
+                    global_state=self.state,
+                    header=header,
+                    update_header=update_header,
+                    model=config.model,
+                    plan=self._plan(),
+                    strategy=self.strategy,
+                    seed=config.seed,
+                    deadline=loop.time() + config.timeouts.round,
+                    min_workers=config.sampling.min_workers,
+                    observer=self.progress,
+                )
+                self.state = report.state
+                record = await self._finish_round(report)
+                self.history.append(record)
+                self.output.write_round(record)
+                self.progress.round_finished(record)
+            self.output.save_model(
+                self.state,
+                {
+                    "name": config.name,
+                    "rounds": str(config.rounds),
+                    "factory": config.model.factory,
+                    "kwargs": json.dumps(config.model.kwargs, sort_keys=True),
+                    "fedlink": __version__,
+                },
+            )
+        finally:
+            await asyncio.gather(*(w.close("training finished") for w in self.workers), return_exceptions=True)
+        return self.history
+
+    async def _finish_round(self, report: RoundReport) -> dict[str, Any]:
+        config = self.config
+        started = time.perf_counter()
+        accuracy = loss = None
+        if self._eval_data is not None and (report.server_round % config.evaluation.every == 0 or report.server_round == config.rounds):
+            accuracy, loss = await asyncio.to_thread(self._evaluate, report.state)
+        contributed = report.contributed
+        total = sum(o.num_samples for o in contributed)
+        train_loss = sum(o.metrics.get("loss", 0.0) * o.num_samples for o in contributed) / max(total, 1)
+        return {
+            "round": report.server_round,
+            "rounds": config.rounds,
+            "accuracy": accuracy,
+            "loss": loss,
+            "workers": len(contributed),
+            "selected": len(report.outcomes),
+            "samples": total,
+            "train_loss": train_loss,
+            "seconds": report.seconds + (time.perf_counter() - started),
+            "round_seconds": report.seconds,
+            "slowest_train_seconds": max((o.train_seconds for o in contributed), default=0.0),
+            "dropped": {o.worker: o.reason for o in report.outcomes if o.status != "ok"},
+        }

@@ -1,0 +1,124 @@
+"""Start and stop local ``fl-worker`` processes: for the demo, the tests and the benchmarks.
+
+A worker prints one line, ``fedlink worker listening on URL``, once it accepts connections; we wait for that line
+(never poll a port) and keep its logs in a file beside its shard.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CoordinatorError
+
+__all__ = ["LocalWorker", "start_worker", "stop_workers", "worker_command"]
+
+_READY = "fedlink worker listening on "
+
+
+def worker_command() -> list[str]:
+    """The ``fl-worker`` console script of this installation, or ``python -m fedlink.worker`` without one."""
+    script = Path(sys.executable).with_name("fl-worker")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "fedlink.worker"]
+
+
+@dataclass
+class LocalWorker:
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    args: tuple[str, ...]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then SIGKILL if it has not exited after ``timeout`` seconds; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start_worker(
+    data: Path,
+    *,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    worker_id: str | None = None,
+    extra_args: Sequence[str] = (),
+    log_path: Path | None = None,
+    ready_timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+) -> LocalWorker:
+    """Start ``fl-worker`` on ``data`` and wait until it listens; raises CoordinatorError with its log if not."""
+    args = ["--data", str(data), "--port", str(port), "--host", host, *(["--id", worker_id] if worker_id else []), *extra_args]
+    log_path = log_path or data.with_suffix(".log")
+    log_file = open(log_path, "wb")  # noqa: SIM115 - handed to the child, closed below
+    try:
+        process = subprocess.Popen(
+            [*worker_command(), *args],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,  # a Ctrl-C in the terminal reaches only the coordinator, which stops us
+        )
+    finally:
+        log_file.close()
+    assert process.stdout is not None
+    deadline = time.monotonic() + ready_timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([process.stdout], [], [], max(remaining, 0))
+        if not ready:
+            break
+        chunk = os.read(process.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        line += chunk
+    text = line.decode(errors="replace").strip()
+    if not text.startswith(_READY):
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:]) if log_path.exists() else ""
+        raise CoordinatorError(f"worker on {data} did not start (exit status {process.returncode}):\n{tail}")
+    return LocalWorker(process=process, url=text[len(_READY):], log_path=log_path, args=tuple(args))
+
+
+def stop_workers(workers: Iterable[LocalWorker]) -> None:
+    workers = list(workers)
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGTERM)
+    for worker in workers:
+        worker.stop()

@@ -1,0 +1,46 @@
+"""What a run leaves behind in its output folder: ``metrics.jsonl`` (one line per round) and the final model."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = ["RunOutput", "write_atomic_model"]
+
+
+def write_atomic_model(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write safetensors to a temporary file, fsync, rename: a reader never sees half a model."""
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
+    save_file(tensors, str(tmp), metadata=dict(metadata))
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class RunOutput:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.metrics_path = folder / "metrics.jsonl"
+        self.model_path = folder / "model.safetensors"
+
+    def start(self) -> None:
+        """Create the folder and begin a fresh ``metrics.jsonl``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.metrics_path.write_text("", encoding="utf-8")
+
+    def write_round(self, record: Mapping[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def save_model(self, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+        write_atomic_model(self.model_path, state, metadata)
+        return self.model_path

@@ -1,0 +1,116 @@
+"""The worker daemon: listens for a coordinator, and serves train and evaluate requests from its shard.
+
+One job at a time: a second request while one runs is refused at once with ``busy``, before its weights are
+transferred. Training runs in a thread so the session keeps answering heartbeats; SIGTERM stops the job between
+batches, closes the connections and ends the process with status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+from fedlink.protocol.channel import Channel
+from fedlink.protocol.errors import ProtocolError
+from fedlink.protocol.limits import Limits
+from fedlink.protocol.messages import EvaluateRequest, Hello, TrainRequest
+from fedlink.protocol.session import Inbound, Session, SessionOptions, handshake
+from fedlink.protocol.transport import Listener, listen
+
+from . import __version__
+from .errors import BadRequest, WorkerBusy
+from .service import WorkerService
+
+__all__ = ["WorkerDaemon"]
+
+log = logging.getLogger("fedlink.worker")
+
+
+class WorkerDaemon:
+    """Network shell around a :class:`WorkerService`; :meth:`serve_channel` also works on in-memory channels."""
+
+    def __init__(
+        self,
+        service: WorkerService,
+        *,
+        limits: Limits | None = None,
+        options: SessionOptions | None = None,
+        handshake_timeout: float = 10.0,
+        transfer_timeout: float = 600.0,
+    ) -> None:
+        self.service = service
+        self.limits = limits or Limits()
+        self.options = options or SessionOptions()
+        self.handshake_timeout = handshake_timeout
+        self.transfer_timeout = transfer_timeout
+        self._job = asyncio.Lock()
+        self._stop_job = threading.Event()
+        self._sessions: set[Session] = set()
+        self._listener: Listener | None = None
+
+    def hello(self) -> Hello:
+        return Hello(
+            role="worker",
+            peer_id=self.service.worker_id,
+            software=f"fedlink {__version__}",
+            capabilities=("train", "evaluate", "weights", "delta", "gradients"),
+            dataset=self.service.dataset_info(),
+        )
+
+    async def serve_channel(self, channel: Channel) -> None:
+        """Handshake, then serve requests until the peer leaves or the daemon stops."""
+        try:
+            peer = await handshake(channel, self.hello(), limits=self.limits, timeout=self.handshake_timeout)
+        except ProtocolError as exc:
+            log.warning("refused connection from %s: %s", channel.peer, exc)
+            await channel.close(str(exc))
+            return
+        session = Session(channel, peer=peer, limits=self.limits, handler=self._handle, options=self.options)
+        self._sessions.add(session)
+        log.info("coordinator %r connected from %s", peer.peer_id, channel.peer)
+        session.start()
+        try:
+            reason = await session.wait_closed()
+            log.info("coordinator %r disconnected: %s", peer.peer_id, reason)
+        finally:
+            self._sessions.discard(session)
+
+    async def _handle(self, session: Session, inbound: Inbound) -> None:
+        request = inbound.message
+        if not isinstance(request, (TrainRequest, EvaluateRequest)):
+            raise BadRequest(f"a worker does not serve {request.type!r} requests")
+        if self._job.locked():
+            raise WorkerBusy(f"worker {self.service.worker_id!r} is busy with another job")
+        async with self._job:
+            expected = self.service.check_model(request.model)
+            state = await inbound.fetch(expected=expected, timeout=self.transfer_timeout)
+            if isinstance(request, TrainRequest):
+                result, update = await asyncio.to_thread(self.service.train, request, state, self._stop_job)
+                del state
+                await session.reply(inbound, result, state=update)
+            else:
+                evaluation = await asyncio.to_thread(self.service.evaluate, request, state, self._stop_job)
+                await session.reply(inbound, evaluation)
+
+    async def start(self, *, host: str, port: int) -> str:
+        """Listen; returns the URL coordinators should use."""
+        self._listener = await listen(self.serve_channel, host=host, port=port, limits=self.limits)
+        return self._listener.url
+
+    async def stop(self) -> None:
+        """Stop the running job between batches, say goodbye to every coordinator, stop listening."""
+        self._stop_job.set()
+        await asyncio.gather(*(s.close("worker shutting down") for s in list(self._sessions)), return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.close()
+        async with self._job:  # wait for the job thread to notice the stop flag
+            pass
+
+    async def run(self, *, host: str, port: int, stop: asyncio.Event, on_ready: Callable[[str], None]) -> None:
+        url = await self.start(host=host, port=port)
+        on_ready(url)
+        await stop.wait()
+        log.info("shutting down")
+        await self.stop()

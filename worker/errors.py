@@ -1,0 +1,26 @@
+"""Errors of the worker daemon; each ``code`` is what the coordinator receives in the ``error`` reply.
+
+::
+
+    WorkerError
+    ├── WorkerBusy          another job is running (one job at a time)
+    └── BadRequest          the request cannot be served as asked (wrong state for the model, bad kwargs)
+"""
+
+from __future__ import annotations
+
+from fedlink.errors import FedlinkError
+
+__all__ = ["WorkerError", "WorkerBusy", "BadRequest"]
+
+
+class WorkerError(FedlinkError):
+    code = "worker_error"
+
+
+class WorkerBusy(WorkerError):
+    code = "busy"
+
+
+class BadRequest(WorkerError):
+    code = "bad_request"
