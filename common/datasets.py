@@ -191,7 +191,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     They ship inside scikit-learn, so demos and tests can run with no data download at all.
     """
     try:
-        from sklearn.datasets import load_digits as sklearn_load_digits
+        from sklearn.datasets import load_digits as sklearn_load_digits  # type: ignore[import-untyped]
     except ImportError as exc:
         raise DataError(
             "the digits data set comes with scikit-learn, which is not installed: "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first local header, or a
 _FEATURE_KINDS = "biuf"  # bool, signed, unsigned, float: what a model can take as input
 _LABEL_KINDS = "iu"
 _INT64_MAX = np.iinfo(np.int64).max
+_OBJECTS = "holds Python objects (object dtype); shards are never unpickled, store numbers only"
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -155,12 +156,17 @@ def _read_npy(path: Path, where: str, magic: bytes) -> tuple[np.ndarray, np.ndar
     if magic != _NPY_MAGIC:
         raise DataError(f"{where}: not a numpy .npy file (no numpy header); pickles and other formats are refused")
     try:
+        with path.open("rb") as file:
+            objects = _declares_objects(file)
+    except OSError as exc:
+        raise DataError(f"{where}: cannot read: {exc}") from exc
+    if objects:
+        raise DataError(f"{where}: {_OBJECTS}")
+    try:
         # Memory-mapping first means a header that claims a huge shape fails on the file size, instead of
         # allocating whatever the header says before noticing the data is not there.
         records = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # numpy reports corrupt content as ValueError, EOFError, OSError, ...
-        if "object" in str(exc).lower():
-            raise DataError(f"{where}: holds Python objects (object dtype), which are never unpickled") from exc
         raise DataError(f"{where}: unreadable .npy file: {type(exc).__name__}: {exc}") from exc
     try:
         names = records.dtype.names
@@ -195,19 +201,36 @@ def _read_npz(path: Path, where: str, magic: bytes) -> tuple[np.ndarray, np.ndar
             missing = [name for name in ("x", "y") if name not in archive.files]
             if missing:
                 raise DataError(f"{where}: archive lacks array(s) {missing}; it has {sorted(archive.files)}")
+            for name in ("x", "y"):
+                with archive.zip.open(f"{name}.npy") as member:
+                    if _declares_objects(member):
+                        raise DataError(f"{where}: array {name!r} {_OBJECTS}")
             return np.asarray(archive["x"]), np.asarray(archive["y"])
     except DataError:
         raise
     except Exception as exc:  # a corrupt zip or member surfaces as BadZipFile, ValueError, EOFError, zlib.error, ...
-        if "object" in str(exc).lower():
-            raise DataError(f"{where}: holds Python objects (object dtype), which are never unpickled") from exc
         raise DataError(f"{where}: unreadable .npz archive: {type(exc).__name__}: {exc}") from exc
+
+
+def _declares_objects(file: BinaryIO) -> bool:
+    """Whether a .npy header declares Python objects; False if it cannot be parsed (loading will say why).
+
+    Asking the header gives a precise message without matching the wording of numpy's own errors.
+    """
+    try:
+        version = np.lib.format.read_magic(file)
+        # Versions 2.0 and 3.0 share one header layout; 3.0 only allows UTF-8 field names.
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, _, dtype = read(file)
+    except Exception:  # a corrupt header: np.load reports it with numpy's own detail
+        return False
+    return bool(dtype.hasobject)
 
 
 def _checked(where: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate a shard's arrays and return them contiguous and in native byte order (torch refuses others)."""
     if x.dtype.hasobject or y.dtype.hasobject:
-        raise DataError(f"{where}: holds Python objects (object dtype), which are never unpickled")
+        raise DataError(f"{where}: {_OBJECTS}")
     if y.ndim != 1:
         raise DataError(f"{where}: labels y must be 1-D (one per sample), got shape {y.shape}")
     if x.ndim < 1:

@@ -19,7 +19,7 @@ from fedlink.shards import save_shard
 
 from .config import JobConfig, parse_config
 from .coordinator import Coordinator
-from .localworkers import LocalWorker, start_worker, stop_workers
+from .localworkers import LocalWorker, start_workers, stop_workers
 from .progress import Progress
 from .split import partition_iid
 
@@ -77,9 +77,9 @@ def run_demo(folder: Path, *, workers: int = 3, rounds: int = 5, seed: int = 0, 
     shards, test = prepare_demo_data(folder, workers=workers, seed=seed)
     started: list[LocalWorker] = []
     try:
-        for i, shard in enumerate(shards):
-            started.append(start_worker(shard, worker_id=f"worker-{i}", extra_args=["--threads", "1"]))
-            log.info("started worker-%d (pid %d) on %s", i, started[-1].pid, started[-1].url)
+        started = start_workers(shards, extra_args=["--threads", "1"])
+        for worker in started:
+            log.info("started worker (pid %d) on %s", worker.pid, worker.url)
         config = demo_config([w.url for w in started], test=test, output=folder, rounds=rounds, seed=seed)
         with progress or Progress() as shown:
             coordinator = Coordinator(config, progress=shown)

@@ -15,10 +15,11 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import CoordinatorError
 
-__all__ = ["LocalWorker", "start_worker", "stop_workers", "worker_command"]
+__all__ = ["LocalWorker", "spawn_worker", "wait_ready", "start_worker", "start_workers", "stop_workers", "worker_command"]
 
 _READY = "fedlink worker listening on "
 
@@ -67,7 +68,7 @@ class LocalWorker:
             return ""
 
 
-def start_worker(
+def spawn_worker(
     data: Path,
     *,
     port: int = 0,
@@ -75,14 +76,12 @@ def start_worker(
     worker_id: str | None = None,
     extra_args: Sequence[str] = (),
     log_path: Path | None = None,
-    ready_timeout: float = 60.0,
     env: dict[str, str] | None = None,
-) -> LocalWorker:
-    """Start ``fl-worker`` on ``data`` and wait until it listens; raises CoordinatorError with its log if not."""
+) -> subprocess.Popen[bytes]:
+    """Start ``fl-worker`` on ``data`` without waiting; pair with :func:`wait_ready`."""
     args = ["--data", str(data), "--port", str(port), "--host", host, *(["--id", worker_id] if worker_id else []), *extra_args]
     log_path = log_path or data.with_suffix(".log")
-    log_file = open(log_path, "wb")  # noqa: SIM115 - handed to the child, closed below
-    try:
+    with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [*worker_command(), *args],
             stdout=subprocess.PIPE,
@@ -91,10 +90,16 @@ def start_worker(
             env={**os.environ, **(env or {})},
             start_new_session=True,  # a Ctrl-C in the terminal reaches only the coordinator, which stops us
         )
-    finally:
-        log_file.close()
+    process.args = args  # type: ignore[misc]
+    process.fedlink_log = log_path  # type: ignore[attr-defined]
+    return process
+
+
+def wait_ready(process: subprocess.Popen[bytes], *, timeout: float = 60.0) -> LocalWorker:
+    """Wait for the worker's ``listening on URL`` line; raises CoordinatorError with its log if it never comes."""
     assert process.stdout is not None
-    deadline = time.monotonic() + ready_timeout
+    log_path: Path = process.fedlink_log  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
     line = b""
     while not line.endswith(b"\n"):
         remaining = deadline - time.monotonic()
@@ -109,10 +114,31 @@ def start_worker(
     if not text.startswith(_READY):
         if process.poll() is None:
             process.kill()
-            process.wait()
+        process.wait()
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:]) if log_path.exists() else ""
-        raise CoordinatorError(f"worker on {data} did not start (exit status {process.returncode}):\n{tail}")
-    return LocalWorker(process=process, url=text[len(_READY):], log_path=log_path, args=tuple(args))
+        raise CoordinatorError(f"worker {' '.join(process.args)} did not start (exit status {process.returncode}):\n{tail}")
+    return LocalWorker(process=process, url=text[len(_READY):], log_path=log_path, args=tuple(process.args))
+
+
+def start_worker(data: Path, *, ready_timeout: float = 60.0, **options: Any) -> LocalWorker:
+    """Start ``fl-worker`` on ``data`` and wait until it listens (options as for :func:`spawn_worker`)."""
+    return wait_ready(spawn_worker(data, **options), timeout=ready_timeout)
+
+
+def start_workers(shards: Sequence[Path], *, ready_timeout: float = 60.0, **options: Any) -> list[LocalWorker]:
+    """Start one worker per shard, all at once, named ``worker-0``...; on any failure stop those started."""
+    processes = [spawn_worker(shard, worker_id=f"worker-{i}", **options) for i, shard in enumerate(shards)]
+    started: list[LocalWorker] = []
+    try:
+        for process in processes:
+            started.append(wait_ready(process, timeout=ready_timeout))
+    except BaseException:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        raise
+    return started
 
 
 def stop_workers(workers: Iterable[LocalWorker]) -> None:
