@@ -19,6 +19,8 @@ psutil every few milliseconds, as a cross-check; sampling can only under-read a 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -54,6 +56,49 @@ def _reset_peak() -> bool:
     return True
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+class HeapSampler(threading.Thread):
+    """Polls glibc's ``mallinfo2()`` in this process: bytes handed out by malloc and not yet freed.
+
+    That is every tensor's storage (torch's CPU allocator is malloc), every large Python ``bytes`` (frames) and C
+    library buffers, but not memory malloc keeps after a ``free`` -- the difference to RSS is allocator retention.
+    Python's small objects (pymalloc arenas) are not included. ``None`` where libc has no ``mallinfo2``.
+    """
+
+    def __init__(self, interval: float) -> None:
+        super().__init__(daemon=True)
+        self._interval = interval
+        self._halt = threading.Event()
+        self.peak = 0
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            self._mallinfo2 = libc.mallinfo2
+            self._mallinfo2.restype = _MallInfo2
+        except (OSError, AttributeError):
+            self._mallinfo2 = None
+
+    @property
+    def available(self) -> bool:
+        return self._mallinfo2 is not None
+
+    def in_use(self) -> int:
+        info = self._mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.peak = max(self.peak, self.in_use())
+            self._halt.wait(self._interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
 def child(spec: dict[str, Any]) -> None:
     marks: dict[str, float] = {"start": time.time()}
     import asyncio
@@ -76,10 +121,16 @@ def child(spec: dict[str, Any]) -> None:
     marks["built"] = time.time()
     built = _status()
     _reset_peak()
+    heap = HeapSampler(spec["heap_interval"])
+    heap_built = heap.in_use() if heap.available else 0
+    if heap.available:
+        heap.start()
 
     history = asyncio.run(coordinator.run())
     marks["ran"] = time.time()
     ran = _status()
+    if heap.available:
+        heap.stop()
     result = {
         "resettable": resettable,
         "model_bytes": header_of(coordinator.state).nbytes,
@@ -88,6 +139,8 @@ def child(spec: dict[str, Any]) -> None:
         "peak_build": built["VmHWM"],
         "peak_run": ran["VmHWM"],
         "rss_end": ran["VmRSS"],
+        "heap_built": heap_built,
+        "heap_peak_run": heap.peak,
         "round_seconds": [r["round_seconds"] for r in history],
         "workers": [r["workers"] for r in history],
         "marks": marks,
@@ -226,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {
                     "config": job_config(urls, megabytes=args.megabytes, rounds=args.rounds, output=folder / f"run-{rep}"),
                     "threads": args.threads,
+                    "heap_interval": args.interval / 2,
                 }
                 result = run_child(spec, interval=args.interval, timeout=600)
                 results.append(result)
@@ -263,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     row("peak growth above RSS after imports", [r["peak_run"] - r["rss_imports"] for r in results], goal=True)
     row("peak growth above RSS after model built", [r["peak_run"] - r["rss_built"] for r in results], goal=True)
     row("psutil-sampled peak growth above built model", [r["psutil_peak_run"] - r["rss_built"] for r in results], goal=False)
+    if results[0]["heap_built"]:
+        row("malloc in use after model built (mallinfo2)", [r["heap_built"] for r in results], goal=False)
+        row("malloc in use, sampled peak during run()", [r["heap_peak_run"] for r in results], goal=False)
+        row("  growth above built model", [r["heap_peak_run"] - r["heap_built"] for r in results], goal=False)
     samples = [r["psutil_samples"] for r in results]
     print(f"  (psutil: {min(samples)}-{max(samples)} samples per run at {args.interval * 1e3:g} ms; it can only under-read)")
     return 0

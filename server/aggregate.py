@@ -4,16 +4,32 @@
 per tensor however many workers answer. Floating-point tensors accumulate in their own precision (float32 for
 float16/bfloat16); integer and bool buffers (e.g. BatchNorm's ``num_batches_tracked``) accumulate in float64 and
 come back as the rounded weighted mean in their own dtype (bool: a weighted majority), never as floats.
+
+The robust rules (:func:`coordinate_median`, :func:`trimmed_mean`, :func:`krum_scores`) take every update at
+once, so whoever calls them holds all n updates in memory; they are the documented exception to streaming.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["WeightedSum", "accumulator_dtype", "non_finite", "add_scaled"]
+__all__ = [
+    "WeightedSum",
+    "accumulator_dtype",
+    "non_finite",
+    "add_scaled",
+    "weighted_mean",
+    "coordinate_median",
+    "trim_count",
+    "min_trimmed_count",
+    "trimmed_mean",
+    "pairwise_sq_distances",
+    "krum_scores",
+    "lowest",
+]
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,3 +100,147 @@ def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
     return [
         name for name, t in state.items() if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
     ]
+
+
+def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """The weighted mean of whole states, folded in the given order (dtype rules as :class:`WeightedSum`)."""
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    total = WeightedSum()
+    for state, weight in zip(states, weights):
+        total.add(state, weight)
+    return total.mean()
+
+
+def _stack(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not values:
+        raise ValueError("no values to combine")
+    shapes = {tuple(v.shape) for v in values}
+    dtypes = {v.dtype for v in values}
+    if len(shapes) > 1 or len(dtypes) > 1:
+        raise ValueError(f"values differ in shape or dtype: {sorted(shapes)}, {sorted(map(str, dtypes))}")
+    return torch.stack(list(values))
+
+
+def _median_of_stack(stacked: torch.Tensor) -> torch.Tensor:
+    n = stacked.shape[0]
+    if stacked.dtype == torch.bool:
+        return stacked.sum(dim=0) * 2 >= n
+    ordered = stacked.sort(dim=0).values
+    if not stacked.dtype.is_floating_point:
+        # Lower median: a value some worker sent, in its own dtype. clone() drops the view on the whole stack.
+        return ordered[(n - 1) // 2].clone()
+    if n % 2:
+        return ordered[n // 2].clone()
+    acc = accumulator_dtype(stacked.dtype)
+    return ((ordered[n // 2 - 1].to(acc) + ordered[n // 2].to(acc)) / 2).to(stacked.dtype)
+
+
+def coordinate_median(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The coordinate-wise median of same-shaped tensors, unweighted (Yin et al., ICML 2018).
+
+    Floating point: the middle value, or the mean of the two middle values for an even count. Integers: the lower
+    of the two middle values, so the result is a value some worker sent. Bool: the majority, ties giving ``True``
+    (as :class:`WeightedSum` does).
+    """
+    return _median_of_stack(_stack(values))
+
+
+def min_trimmed_count(beta: float) -> int:
+    """The fewest values from which :func:`trimmed_mean` with ``beta > 0`` trims at least one at each end."""
+    if not 0 < beta < 0.5:
+        raise ValueError(f"beta must be in (0, 0.5) here, got {beta}")
+    n = max(1, math.ceil(1 / beta))
+    while math.floor(beta * n) < 1:  # 1 / beta rounded down in floating point
+        n += 1
+    while n > 1 and math.floor(beta * (n - 1)) >= 1:
+        n -= 1
+    return n
+
+
+def trim_count(n: int, beta: float) -> int:
+    """How many of ``n`` values :func:`trimmed_mean` drops at each end: ``floor(beta * n)``.
+
+    Raises ValueError when ``beta > 0`` but ``n`` is too small to trim anything: the result would be the plain
+    mean, without the robustness that was asked for.
+    """
+    if not 0 <= beta < 0.5:
+        raise ValueError(f"beta must be in [0, 0.5), got {beta}")
+    if n < 1:
+        raise ValueError("no values to combine")
+    k = math.floor(beta * n)
+    if beta > 0 and k == 0:
+        raise ValueError(
+            f"trimmed mean with beta={beta} trims floor({beta} * {n}) = 0 of {n} values at each end; "
+            f"it needs at least {min_trimmed_count(beta)} values"
+        )
+    return k
+
+
+def trimmed_mean(values: Sequence[torch.Tensor], beta: float) -> torch.Tensor:
+    """The coordinate-wise ``beta``-trimmed mean, unweighted (Yin et al., ICML 2018).
+
+    Per coordinate, the ``floor(beta * n)`` smallest and largest values are dropped and the rest averaged in
+    accumulator precision. Integer and bool tensors (counters, masks) take :func:`coordinate_median` instead.
+    """
+    stacked = _stack(values)
+    n = stacked.shape[0]
+    k = trim_count(n, beta)
+    if not stacked.dtype.is_floating_point:
+        return _median_of_stack(stacked)
+    acc = accumulator_dtype(stacked.dtype)
+    kept = stacked.sort(dim=0).values[k : n - k].to(acc)
+    return (kept.sum(dim=0) / (n - 2 * k)).to(stacked.dtype)
+
+
+def pairwise_sq_distances(states: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """``(n, n)`` float64 squared Euclidean distances between whole states, over their floating-point tensors.
+
+    Integer and bool buffers are left out: a step counter is no evidence of a model being far from the others.
+    """
+    n = len(states)
+    if n == 0:
+        raise ValueError("no states to compare")
+    names = list(states[0])
+    for state in states[1:]:
+        if list(state) != names:
+            raise ValueError("every state must have the same tensors")
+    out = torch.zeros(n, n, dtype=torch.float64)
+    for name in names:
+        if not states[0][name].is_floating_point():
+            continue
+        flat = torch.stack([state[name].reshape(-1).to(torch.float64) for state in states])
+        for i in range(n - 1):
+            row = (flat[i + 1 :] - flat[i]).square().sum(dim=1)
+            out[i, i + 1 :] += row
+            out[i + 1 :, i] += row
+    return out
+
+
+def krum_scores(states: Sequence[Mapping[str, torch.Tensor]], num_byzantine: int) -> torch.Tensor:
+    """Krum's score of each state (Blanchard et al., NeurIPS 2017), float64, lower is more central.
+
+    The score of update ``i`` is the sum of its squared distances to its ``n - f - 2`` nearest other updates,
+    ``f`` being ``num_byzantine``; the guarantee needs ``n > 2f + 2``, which is checked.
+    """
+    n, f = len(states), num_byzantine
+    if f < 0:
+        raise ValueError(f"num_byzantine must be >= 0, got {f}")
+    if n <= 2 * f + 2:
+        raise ValueError(f"Krum with num_byzantine f={f} needs n > 2f + 2 = {2 * f + 2} updates, got n={n}")
+    distances = pairwise_sq_distances(states)
+    nearest = n - f - 2
+    scores = []
+    for i in range(n):
+        others = torch.cat([distances[i, :i], distances[i, i + 1 :]])
+        scores.append(others.sort().values[:nearest].sum())
+    return torch.stack(scores)
+
+
+def lowest(scores: torch.Tensor, count: int) -> list[int]:
+    """Indices of the ``count`` lowest scores, ties going to the lower index, returned in ascending order."""
+    n = scores.shape[0]
+    if not 1 <= count <= n:
+        raise ValueError(f"cannot select {count} of {n} scores")
+    order = torch.sort(scores, stable=True).indices[:count]
+    return sorted(int(i) for i in order)
