@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -53,6 +54,13 @@ def make_state(variant: str, *, total_mb: float, small_count: int) -> State:
     else:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     return {f"layer{i}.weight": torch.randn(n, generator=generator) for i, n in enumerate(sizes)}
+
+
+def machine_load() -> str:
+    """The 1-minute load average against the core count: timings mean little on a busy machine."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    note = "  WARNING: other processes are using the CPUs; timings are inflated" if load > 0.5 * cores else ""
+    return f"load average {load:.2f} on {cores} cores{note}"
 
 
 # -- the timed operations -----------------------------------------------------------------------------------------
@@ -213,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(chunk_bytes=chunk_bytes)
     print(f"fedlink codec benchmark: torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"python {sys.version.split()[0]}; chunk {chunk_bytes} bytes; {args.reps} reps (+{args.warmup} warm-up)")
+    print(f"before: {machine_load()}")
     print("baseline 'copy' = {name: t.clone()} over the same tensors; 'copy-flat' = one flat tensor's clone();")
     print("'copy-warm' = target.copy_(flat) into memory already touched (memcpy alone, no page faults; info only)")
     verdicts: list[tuple[str, str, float]] = []
@@ -224,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         del state, series
         gc.collect()
 
+    print(f"after:  {machine_load()}")
     print(f"\nsummary (median codec time / median copy time, goal <= {GOAL:g}x):")
     for variant, path, ratio in verdicts:
         print(f"  {variant:<11} {path:<8} {ratio:5.2f}x  {'PASS' if ratio <= GOAL else 'FAIL'}")

@@ -38,6 +38,13 @@ MiB = 1 << 20
 _RESULT = "RESULT "
 
 
+def machine_load() -> str:
+    """The 1-minute load average against the core count: timings mean little on a busy machine."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    note = "  WARNING: other processes are using the CPUs; timings are inflated" if load > 0.5 * cores else ""
+    return f"load average {load:.2f} on {cores} cores{note}"
+
+
 # -- the child: one coordinator run ---------------------------------------------------------------------------------
 
 
@@ -264,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"fedlink coordinator memory benchmark: {args.workers} workers, sized_mlp({args.megabytes:g} MB), "
           f"{args.rounds} rounds x {args.reps} repetitions, {os.cpu_count()} cores")
+    print(f"before: {machine_load()}")
     started: list[LocalWorker] = []
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedlink-bench-") as tmp:
@@ -295,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop_workers(started)
 
+    print(f"after:  {machine_load()}")
     size = results[0]["model_bytes"]
     if not results[0]["resettable"]:
         print("WARNING: /proc/self/clear_refs refused; VmHWM is the peak since the child started")

@@ -34,15 +34,16 @@ def main() -> None:
 
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue from the last completed round of OUTPUT/checkpoint.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning")
-def train(config_path: Path, log_level: str) -> None:
+def train(config_path: Path, resume: bool, log_level: str) -> None:
     """Run the federated training job described by CONFIG (YAML)."""
     _logging(log_level)
     console = Console(stderr=True)
     try:
         config = load_config(config_path)
         with make_progress(console) as progress:
-            history = asyncio.run(Coordinator(config, progress=progress).run())
+            history = asyncio.run(Coordinator(config, progress=progress).run(resume=resume))
     except FedlinkError as exc:
         raise click.ClickException(str(exc)) from exc
     last = history[-1]

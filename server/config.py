@@ -5,6 +5,8 @@ Relative paths in a config file are relative to the file's folder, so a config a
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ __all__ = [
     "TrainingConfig",
     "StrategyConfig",
     "TimeoutsConfig",
+    "ListenConfig",
     "EvaluationConfig",
     "load_config",
     "parse_config",
@@ -72,6 +75,18 @@ class StrategyConfig(_Section):
 class TimeoutsConfig(_Section):
     round: float = Field(300.0, gt=0, description="seconds for a whole round, dispatch to aggregation")
     connect: float = Field(10.0, gt=0, description="seconds to open a connection and finish the handshake")
+    wait_for_workers: float = Field(
+        60.0, ge=0, description="before each round, seconds to wait for sampling.min_workers to be connected"
+    )
+    heartbeat: float = Field(5.0, gt=0, description="seconds between heartbeats; a peer silent 6x as long is dropped")
+    reconnect_max: float = Field(10.0, gt=0, description="longest pause between attempts to reach a lost worker")
+
+
+class ListenConfig(_Section):
+    """Where the coordinator accepts workers that dial in (``fl-worker --connect``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8700, ge=0, le=65535)
 
 
 class EvaluationConfig(_Section):
@@ -84,7 +99,8 @@ class JobConfig(_Section):
     name: str = Field(min_length=1, max_length=128)
     seed: int = Field(0, ge=0, lt=1 << 63)
     model: ModelSpec
-    workers: list[WorkerEntry] = Field(min_length=1)
+    workers: list[WorkerEntry] = Field(default_factory=list)
+    listen: ListenConfig | None = None
     rounds: int = Field(ge=1)
     sampling: SamplingConfig = SamplingConfig()
     training: TrainingConfig = TrainingConfig()
@@ -104,7 +120,9 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _enough_workers(self) -> "JobConfig":
-        if self.sampling.min_workers > len(self.workers):
+        if not self.workers and self.listen is None:
+            raise ValueError("no workers: list their URLs under workers, or set listen for workers that dial in")
+        if self.listen is None and self.sampling.min_workers > len(self.workers):
             raise ValueError(
                 f"sampling.min_workers is {self.sampling.min_workers} but only {len(self.workers)} workers are listed"
             )
@@ -113,6 +131,12 @@ class JobConfig(_Section):
         if duplicates:
             raise ValueError(f"workers lists {', '.join(duplicates)} more than once")
         return self
+
+    def fingerprint(self) -> str:
+        """A digest of everything that shapes the model's trajectory; a checkpoint only resumes a matching job."""
+        keys = {"seed", "model", "training", "strategy", "sampling"}
+        text = json.dumps(self.model_dump(mode="json", include=keys), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def resolve_paths(self, base: Path) -> "JobConfig":
         """Make relative paths relative to ``base`` (the config file's folder)."""

@@ -21,8 +21,10 @@ from fedlink.training import evaluate
 
 from . import __version__
 from .config import JobConfig
-from .errors import NotEnoughWorkers
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .errors import ConfigError
 from .output import RunOutput
+from .pool import WorkerPool
 from .progress import Progress
 from .remote import RemoteWorker
 from .rounds import RoundReport, derive_seed, run_round
@@ -64,32 +66,29 @@ class Coordinator:
         self.config = config
         self.progress = progress or Progress()
         self.workers = workers if workers is not None else [RemoteWorker(w.url) for w in config.workers]
-        self.options = options or SessionOptions(inbound_slots=1)
+        self.options = options or SessionOptions(
+            inbound_slots=1, heartbeat_interval=config.timeouts.heartbeat, heartbeat_timeout=6 * config.timeouts.heartbeat
+        )
+        self.pool = WorkerPool(
+            self.workers,
+            hello=self._hello(),
+            limits=config.limits,
+            options=self.options,
+            connect_timeout=config.timeouts.connect,
+            backoff_cap=config.timeouts.reconnect_max,
+        )
         self.output = RunOutput(config.output)
         self.model, self.state = initial_state(config)
         self.strategy: Strategy = build_strategy(config.strategy.name, config.strategy.params())
         self.history: list[dict[str, Any]] = []
+        self.listen_url: str | None = None
+        self.listening = asyncio.Event()
         self._eval_data: tuple[torch.Tensor, torch.Tensor] | None = None
         if config.evaluation.data is not None:
             self._eval_data = load_shard(config.evaluation.data).to_tensors()
 
     def _hello(self) -> Hello:
         return Hello(role="coordinator", peer_id=self.config.name, software=f"fedlink {__version__}")
-
-    async def connect(self) -> list[RemoteWorker]:
-        """(Re)connect every worker that is not connected; returns the connected ones in configured order."""
-        missing = [w for w in self.workers if not w.connected]
-        if missing:
-            await asyncio.gather(
-                *(
-                    w.connect(hello=self._hello(), limits=self.config.limits, timeout=self.config.timeouts.connect, options=self.options)
-                    for w in missing
-                )
-            )
-            for w in missing:
-                if not w.connected:
-                    log.warning("worker %s unreachable: %s", w.url, w.last_error)
-        return [w for w in self.workers if w.connected]
 
     def _plan(self) -> TrainingPlan:
         t = self.config.training
@@ -109,23 +108,45 @@ class Coordinator:
         metrics = evaluate(self.model, *self._eval_data, batch_size=self.config.evaluation.batch_size, device=self.config.device)
         return metrics.accuracy, metrics.loss
 
-    async def run(self) -> list[dict[str, Any]]:
+    def _resume(self) -> int:
+        """Load the last checkpoint; returns the first round still to run."""
+        checkpoint = load_checkpoint(self.output.checkpoint_dir)
+        if checkpoint is None:
+            log.warning("no checkpoint in %s: starting from round 1", self.output.checkpoint_dir)
+            self.output.start()
+            return 1
+        if checkpoint.fingerprint != self.config.fingerprint():
+            raise ConfigError(
+                f"checkpoint in {self.output.checkpoint_dir} was written by a job with another seed, model, "
+                "training, strategy or sampling; resume with the original config or use a new output folder"
+            )
+        self.state = {name: checkpoint.state[name] for name in self.state}
+        self.strategy.load_state_dict(checkpoint.strategy)
+        self.history = checkpoint.history
+        self.output.restore(self.history)
+        log.info("resuming after round %d", checkpoint.server_round)
+        return checkpoint.server_round + 1
+
+    async def run(self, *, resume: bool = False) -> list[dict[str, Any]]:
+        """Run the job (from the last checkpoint with ``resume``); returns one record per round."""
         config = self.config
-        self.output.start()
+        first_round = self._resume() if resume else 1
+        if not resume:
+            self.output.start()
         header = header_of(self.state)
         update_header = (
             header_of(dict(self.model.named_parameters())) if config.training.update == "gradients" else header
         )
+        self.pool.start()
         try:
+            if config.listen is not None:
+                self.listen_url = await self.pool.listen(host=config.listen.host, port=config.listen.port)
+                self.listening.set()
             self.progress.run_started(config.name, config.rounds, [w.url for w in self.workers])
-            for server_round in range(1, config.rounds + 1):
-                available = await self.connect()
-                if len(available) < config.sampling.min_workers:
-                    reasons = "; ".join(f"{w.url}: {w.last_error}" for w in self.workers if not w.connected)
-                    raise NotEnoughWorkers(
-                        f"round {server_round}: {len(available)} workers reachable, sampling.min_workers is "
-                        f"{config.sampling.min_workers} ({reasons})"
-                    )
+            for server_round in range(first_round, config.rounds + 1):
+                available = await self.pool.wait_for(
+                    config.sampling.min_workers, timeout=config.timeouts.wait_for_workers
+                )
                 selected = select_workers(
                     available, fraction=config.sampling.fraction, min_workers=config.sampling.min_workers,
                     seed=config.seed, server_round=server_round,
@@ -149,6 +170,10 @@ class Coordinator:
                 record = await self._finish_round(report)
                 self.history.append(record)
                 self.output.write_round(record)
+                save_checkpoint(
+                    self.output.checkpoint_dir,
+                    Checkpoint(server_round, self.state, self.strategy.state_dict(), self.history, config.fingerprint()),
+                )
                 self.progress.round_finished(record)
             self.output.save_model(
                 self.state,
@@ -161,7 +186,7 @@ class Coordinator:
                 },
             )
         finally:
-            await asyncio.gather(*(w.close("training finished") for w in self.workers), return_exceptions=True)
+            await self.pool.close("training finished")
         return self.history
 
     async def _finish_round(self, report: RoundReport) -> dict[str, Any]:

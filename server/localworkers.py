@@ -21,7 +21,7 @@ from .errors import CoordinatorError
 
 __all__ = ["LocalWorker", "spawn_worker", "wait_ready", "start_worker", "start_workers", "stop_workers", "worker_command"]
 
-_READY = "fedlink worker listening on "
+_READY = ("fedlink worker listening on ", "fedlink worker dialling ")
 
 
 def worker_command() -> list[str]:
@@ -38,6 +38,7 @@ class LocalWorker:
     url: str
     log_path: Path
     args: tuple[str, ...]
+    command: tuple[str, ...] = ()
 
     @property
     def pid(self) -> int:
@@ -57,9 +58,23 @@ class LocalWorker:
         return self.process.returncode
 
     def kill(self) -> None:
+        """SIGKILL: the worker gets no chance to say goodbye, as when a machine dies."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def restart(self, *, ready_timeout: float = 60.0) -> "LocalWorker":
+        """Start the same worker again on the same port (it must have exited); updates this object in place."""
+        if self.process.poll() is None:
+            raise CoordinatorError(f"worker {self.pid} is still running; kill or stop it first")
+        args = list(self.args)
+        if "--connect" not in args and "--port" in args:
+            args[args.index("--port") + 1] = self.url.rsplit(":", 1)[-1]
+        fresh = wait_ready(_popen(self.command, args, self.log_path), timeout=ready_timeout)
+        self.process, self.url, self.args = fresh.process, fresh.url, fresh.args
+        return self
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -77,21 +92,32 @@ def spawn_worker(
     extra_args: Sequence[str] = (),
     log_path: Path | None = None,
     env: dict[str, str] | None = None,
+    command: Sequence[str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``fl-worker`` on ``data`` without waiting; pair with :func:`wait_ready`."""
+    """Start ``fl-worker`` (or ``command``, taking the same options) on ``data`` without waiting.
+
+    Pair with :func:`wait_ready`. The log is appended to, so a restarted worker keeps one log.
+    """
     args = ["--data", str(data), "--port", str(port), "--host", host, *(["--id", worker_id] if worker_id else []), *extra_args]
     log_path = log_path or data.with_suffix(".log")
-    with open(log_path, "wb") as log_file:
+    return _popen(command if command is not None else worker_command(), args, log_path, env)
+
+
+def _popen(
+    command: Sequence[str], args: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
-            [*worker_command(), *args],
+            [*command, *args],
             stdout=subprocess.PIPE,
             stderr=log_file,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
             start_new_session=True,  # a Ctrl-C in the terminal reaches only the coordinator, which stops us
         )
-    process.args = args  # type: ignore[misc]
+    process.args = list(args)  # type: ignore[misc]
     process.fedlink_log = log_path  # type: ignore[attr-defined]
+    process.fedlink_command = list(command)  # type: ignore[attr-defined]
     return process
 
 
@@ -111,13 +137,17 @@ def wait_ready(process: subprocess.Popen[bytes], *, timeout: float = 60.0) -> Lo
             break
         line += chunk
     text = line.decode(errors="replace").strip()
-    if not text.startswith(_READY):
+    prefix = next((p for p in _READY if text.startswith(p)), None)
+    if prefix is None:
         if process.poll() is None:
             process.kill()
         process.wait()
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:]) if log_path.exists() else ""
         raise CoordinatorError(f"worker {' '.join(process.args)} did not start (exit status {process.returncode}):\n{tail}")
-    return LocalWorker(process=process, url=text[len(_READY):], log_path=log_path, args=tuple(process.args))
+    return LocalWorker(
+        process=process, url=text[len(prefix):], log_path=log_path, args=tuple(process.args),
+        command=tuple(process.fedlink_command),  # type: ignore[attr-defined]
+    )
 
 
 def start_worker(data: Path, *, ready_timeout: float = 60.0, **options: Any) -> LocalWorker:

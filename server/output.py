@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,25 @@ class RunOutput:
         self.folder = folder
         self.metrics_path = folder / "metrics.jsonl"
         self.model_path = folder / "model.safetensors"
+        self.checkpoint_dir = folder / "checkpoint"
 
     def start(self) -> None:
-        """Create the folder and begin a fresh ``metrics.jsonl``."""
+        """Create the folder and begin a fresh ``metrics.jsonl`` (and no stale checkpoint)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.metrics_path.write_text("", encoding="utf-8")
+        if self.checkpoint_dir.exists():
+            shutil.rmtree(self.checkpoint_dir)
+
+    def restore(self, history: list[dict[str, Any]]) -> None:
+        """Rewrite ``metrics.jsonl`` to exactly the checkpointed rounds (a killed run may have logged one more)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for record in history:
+                handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.metrics_path)
 
     def write_round(self, record: Mapping[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:

@@ -121,6 +121,7 @@ async def run_round(
         )
         note(worker.name, "training")
 
+    log.info("round %d: training on %d workers (%s)", server_round, len(workers), ", ".join(requests))
     aggregation = strategy.begin_round(server_round, global_state)
     outcomes: list[WorkerOutcome] = []
     try:

@@ -12,18 +12,19 @@ import logging
 import threading
 from collections.abc import Callable
 
+from fedlink.backoff import Backoff
 from fedlink.protocol.channel import Channel
 from fedlink.protocol.errors import ProtocolError
 from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import EvaluateRequest, Hello, TrainRequest
 from fedlink.protocol.session import Inbound, Session, SessionOptions, handshake
-from fedlink.protocol.transport import Listener, listen
+from fedlink.protocol.transport import Listener, dial, listen
 
 from . import __version__
 from .errors import BadRequest, WorkerBusy
 from .service import WorkerService
 
-__all__ = ["WorkerDaemon"]
+__all__ = ["WorkerDaemon", "dial_out"]
 
 log = logging.getLogger("fedlink.worker")
 
@@ -114,3 +115,41 @@ class WorkerDaemon:
         await stop.wait()
         log.info("shutting down")
         await self.stop()
+
+
+async def dial_out(
+    daemon: WorkerDaemon,
+    url: str,
+    *,
+    stop: asyncio.Event,
+    connect_timeout: float = 10.0,
+    backoff_cap: float = 10.0,
+) -> None:
+    """Keep a connection to the coordinator at ``url`` (for workers behind NAT), redialling with backoff.
+
+    Once connected, the session is served exactly as a connection the worker accepted.
+    """
+    backoff = Backoff(cap=backoff_cap)
+    while not stop.is_set():
+        try:
+            channel = await dial(url, limits=daemon.limits, timeout=connect_timeout)
+        except ProtocolError as exc:
+            delay = backoff.next_delay()
+            log.warning("cannot reach coordinator: %s; retrying in %.1fs", exc, delay)
+        else:
+            backoff.reset()
+            served = asyncio.ensure_future(daemon.serve_channel(channel))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({served, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if stop.is_set():
+                await daemon.stop()
+                await served
+                return
+            delay = backoff.next_delay()
+            log.info("connection to the coordinator ended; redialling in %.1fs", delay)
+        try:
+            async with asyncio.timeout(delay):
+                await stop.wait()
+        except TimeoutError:
+            pass

@@ -251,7 +251,7 @@ def test_coordinator_waits_for_healthy_workers(coordinator: Service, workers: di
     depends = coordinator.spec["depends_on"]
     for name in workers:
         assert depends[name]["condition"] == "service_healthy", (
-            f"the coordinator connects once per round with no retry; it must wait until {name} is healthy"
+            f"the coordinator must not start before {name} accepts connections (its healthcheck passes)"
         )
 
 
@@ -401,7 +401,7 @@ def test_compose_commands_train_on_loopback(
 
     records = [json.loads(line) for line in (config.output / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(1, config.rounds + 1))
-    assert all(r["workers"] == len(workers) for r in records), records
+    assert all(r["workers"] >= config.sampling.min_workers for r in records), records
     assert (config.output / "model.safetensors").stat().st_size > 0
     assert records[-1]["accuracy"] > 0.9, records[-1]
     for name, process in zip(workers, processes):
