@@ -85,6 +85,9 @@ def _decode_control(body: memoryview) -> Message:
     if not isinstance(obj, dict):
         raise MalformedFrame(f"control frame holds a {type(obj).__name__}, expected a map")
     version = obj.get("v")
+    if not isinstance(version, int) or isinstance(version, bool):
+        # Without a version number it is not a fedlink message at all; "upgrade the older side" would mislead.
+        raise MalformedFrame(f"control message without a protocol version (v={version!r})")
     if version != PROTOCOL_VERSION:
         raise VersionMismatch(
             f"peer speaks fedlink protocol version {version!r}, this side speaks {PROTOCOL_VERSION}; "

@@ -71,6 +71,7 @@ class Hello(Message):
     software: str = Field("", max_length=128)
     capabilities: tuple[str, ...] = ()
     dataset: DatasetInfo | None = None
+    heartbeat: float = Field(5.0, gt=0, le=3600, description="send me a heartbeat at least this often (seconds)")
 
 
 class ModelSpec(_Strict):

@@ -309,8 +309,9 @@ class Session:
         future: asyncio.Future[Inbound] = self._loop.create_future()
         self._pending[msg_id] = future
         try:
-            await self._send_message(message, msg_id, state=state, header=header)
+            # The deadline covers sending too: a peer that stops reading must not hold a request past it.
             async with asyncio.timeout(timeout):
+                await self._send_message(message, msg_id, state=state, header=header)
                 answer = await future
         except TimeoutError as exc:
             self._drop_outbound(msg_id)
@@ -507,7 +508,8 @@ class Session:
             await self.discard(inbound)
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.options.heartbeat_interval
+        # Each side says in its hello how often it wants to hear from the other; honour the stricter of the two.
+        interval = min(self.options.heartbeat_interval, self.peer_hello.heartbeat)
         while not self.closed:
             await asyncio.sleep(interval)
             silent = self._loop.time() - self._last_seen

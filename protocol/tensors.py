@@ -168,7 +168,9 @@ def _compare(got: StateHeader, expected: StateHeader) -> None:
 
 def _raw(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes without copying (a contiguous CPU copy is made only when it is not one already)."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    # resolve_conj/resolve_neg: a lazily conjugated (or negated) view cannot be reinterpreted as bytes; both are
+    # no-ops for every other tensor.
+    flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
@@ -177,7 +179,12 @@ def iter_state_chunks(state: Mapping[str, torch.Tensor], header: StateHeader, ch
     pending: list[memoryview] = []
     pending_size = 0
     for spec in header.tensors:
-        raw = _raw(state[spec.name])
+        # A header that does not describe the state (missing tensor, other dtype or shape) must fail as a
+        # StateMismatch -- which the session reports to the peer -- not as a KeyError or as misread bytes.
+        tensor = state.get(spec.name)
+        if tensor is None or tensor.dtype != DTYPES[spec.dtype] or tuple(tensor.shape) != spec.shape:
+            raise StateMismatch(f"tensor {spec.name!r} changed while being sent")
+        raw = _raw(tensor)
         if len(raw) != spec.nbytes:
             raise StateMismatch(f"tensor {spec.name!r} changed while being sent")
         offset = 0

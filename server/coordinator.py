@@ -88,7 +88,12 @@ class Coordinator:
             self._eval_data = load_shard(config.evaluation.data).to_tensors()
 
     def _hello(self) -> Hello:
-        return Hello(role="coordinator", peer_id=self.config.name, software=f"fedlink {__version__}")
+        return Hello(
+            role="coordinator",
+            peer_id=self.config.name,
+            software=f"fedlink {__version__}",
+            heartbeat=self.config.timeouts.heartbeat,
+        )
 
     def _plan(self) -> TrainingPlan:
         t = self.config.training
@@ -137,8 +142,8 @@ class Coordinator:
         update_header = (
             header_of(dict(self.model.named_parameters())) if config.training.update == "gradients" else header
         )
-        self.pool.start()
         try:
+            await self.pool.start()
             if config.listen is not None:
                 self.listen_url = await self.pool.listen(host=config.listen.host, port=config.listen.port)
                 self.listening.set()

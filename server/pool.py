@@ -80,11 +80,20 @@ class WorkerPool:
 
     # -- dialling out ------------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Dial every configured ``ws://``/``wss://`` worker and keep it connected (others are attached by hand)."""
-        for worker in self.configured:
-            if worker.url.startswith(("ws://", "wss://")):
-                self._tasks.append(asyncio.ensure_future(self._keep_connected(worker)))
+    async def start(self) -> None:
+        """Dial every configured ``ws://``/``wss://`` worker once, together, then keep each connected.
+
+        The first attempt is awaited, so the first round sees every worker that was reachable at the start.
+        """
+        dialled = [w for w in self.configured if w.url.startswith(("ws://", "wss://"))]
+        await asyncio.gather(
+            *(
+                w.connect(hello=self._hello, limits=self._limits, timeout=self._connect_timeout, options=self._options)
+                for w in dialled
+            )
+        )
+        for worker in dialled:
+            self._tasks.append(asyncio.ensure_future(self._keep_connected(worker)))
 
     async def _keep_connected(self, worker: RemoteWorker) -> None:
         backoff = Backoff(cap=self._backoff_cap)

@@ -58,6 +58,7 @@ class WorkerDaemon:
             software=f"fedlink {__version__}",
             capabilities=("train", "evaluate", "weights", "delta", "gradients"),
             dataset=self.service.dataset_info(),
+            heartbeat=self.options.heartbeat_interval,
         )
 
     async def serve_channel(self, channel: Channel) -> None:

@@ -137,7 +137,9 @@ def apply_pseudo_gradient(
     return out
 
 
-def load_tensor_groups(state: Mapping[str, Any], groups: tuple[str, ...], *, owner: str) -> dict[str, dict[str, torch.Tensor]]:
+def load_tensor_groups(
+    state: Mapping[str, Any], groups: tuple[str, ...], *, owner: str
+) -> dict[str, dict[str, torch.Tensor]]:
     """Check a saved ``{group: {tensor name: tensor}}`` state and return shallow copies of its groups."""
     unknown = sorted(set(state) - set(groups))
     if unknown:

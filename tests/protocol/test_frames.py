@@ -221,6 +221,16 @@ def test_other_versions_are_mismatches(version: int) -> None:
         decode_frame(_control({"v": version, "type": "hello", "role": "worker", "peer_id": "x"}), LIMITS)
 
 
+@pytest.mark.parametrize("version", [None, "1", 1.0, True, [1]], ids=repr)
+def test_missing_or_odd_version_is_malformed(version: object) -> None:
+    """A map without an integer ``v`` is not a fedlink message; "upgrade the older side" would mislead."""
+    body: dict[str, object] = {"id": 1, "type": "heartbeat"}
+    if version is not None:
+        body["v"] = version
+    with pytest.raises(MalformedFrame, match="without a protocol version"):
+        decode_frame(_control(body), LIMITS)
+
+
 def test_version_is_checked_before_the_fields() -> None:
     """A newer peer's message may have fields we do not know: the version is what we report."""
     with pytest.raises(VersionMismatch):
@@ -250,6 +260,7 @@ def test_version_is_checked_before_the_fields() -> None:
         pytest.param(b"\x01\xd4\x01\x00", "msgpack", id="control-ext"),
         pytest.param(_control({"v": 1, "type": "nope"}), "'nope'", id="unknown-type"),
         pytest.param(_control({"v": 1, "id": 1}), "None", id="no-type"),
+        pytest.param(_control({}), "version", id="empty-map"),
         pytest.param(_control({"v": 1, "type": 5}), "5", id="type-int"),
         pytest.param(_control({"v": 1, "type": "pull", "id": 1}), "ref", id="missing-field"),
         pytest.param(_control({"v": 1, "type": "hello", "role": "worker"}), "peer_id", id="hello-no-peer-id"),

@@ -539,7 +539,26 @@ def test_assembler_incomplete_result() -> None:
         assembler.result()
 
 
-def test_iter_state_chunks_notices_a_changed_tensor() -> None:
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"a": torch.zeros(5)},
+        {"b": torch.zeros(4)},
+        {"a": torch.zeros(2, dtype=torch.float64)},  # same number of bytes, other dtype
+        {"a": torch.zeros(2, 2)},  # same number of bytes, other shape
+    ],
+    ids=["longer", "missing", "dtype", "shape"],
+)
+def test_iter_state_chunks_refuses_a_state_its_header_does_not_describe(state: State) -> None:
     header = header_of({"a": torch.zeros(4)})
     with pytest.raises(StateMismatch, match="'a'"):
-        list(iter_state_chunks({"a": torch.zeros(5)}, header, 4096))
+        list(iter_state_chunks(state, header, 4096))
+
+
+def test_lazy_conjugate_and_negative_views_round_trip() -> None:
+    z = torch.complex(torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, 0.0, -0.0]))
+    state = {"conj": z.conj(), "neg": torch._neg_view(z), "imag_of_conj": z.conj().imag}
+    assert state["conj"].is_conj() and state["neg"].is_neg()
+    want = {name: t.resolve_conj().resolve_neg() for name, t in state.items()}
+    assert_bit_exact(decode_state(encode_state(state)), want)
+    assert_bit_exact(assemble(state, 7), want)

@@ -11,9 +11,6 @@ from fedlink.protocol.messages import UpdateKind
 from fedlink.protocol.tensors import State
 from fedlink.server.strategy import ClientUpdate, Strategy
 
-Fold = Callable[..., State]
-
-
 def fold_round(
     strategy: Strategy,
     global_state: State,
@@ -30,7 +27,7 @@ def fold_round(
 
 
 @pytest.fixture
-def fold() -> Fold:
+def fold() -> Callable[..., State]:
     return fold_round
 
 

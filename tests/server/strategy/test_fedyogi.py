@@ -34,7 +34,11 @@ def test_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("params", "message"),
-    [({"beta2": 1.5}, "beta2 must be in"), ({"tau": float("inf")}, "tau must be in"), ({"eta": -1}, "eta must be in")],
+    [
+        ({"beta2": 1.5}, "beta2 must be in"),
+        ({"tau": float("inf")}, "tau must be in"),
+        ({"eta": -1}, "eta must be in"),
+    ],
 )
 def test_bad_parameters(params: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):

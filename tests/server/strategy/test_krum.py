@@ -23,17 +23,19 @@ def test_picks_the_most_central_update_whole(fold, f64) -> None:
 
 
 def test_on_deltas_and_gradients(fold, f64) -> None:
-    updates = [(1, u["w"]) for _, u in _updates(f64)]
-    delta = fold(Krum(num_byzantine=1), {"w": f64(5, 5)}, [(n, {"w": w}) for n, w in updates], kind="delta")
+    updates = [(1, {"w": f64(*p)}) for p in POINTS]
+    # b's delta (1, 0) is added: (6, 5); b's gradient takes a step of 2: (5, 5) - 2 * (1, 0) = (3, 5)
+    delta = fold(Krum(num_byzantine=1), {"w": f64(5, 5)}, updates, kind="delta")
     assert torch.equal(delta["w"], f64(6, 5))
-    grads = fold(Krum(num_byzantine=1, server_lr=2.0), {"w": f64(5, 5)}, [(n, {"w": w}) for n, w in updates], kind="gradients")
+    grads = fold(Krum(num_byzantine=1, server_lr=2.0), {"w": f64(5, 5)}, updates, kind="gradients")
     assert torch.equal(grads["w"], f64(3, 5))
 
 
 def test_needs_more_than_2f_plus_2_updates(fold, f64) -> None:
     strategy = Krum(num_byzantine=1)
     assert strategy.min_updates == 5
-    with pytest.raises(TooFewUpdates, match=r"'krum' needs at least 5 updates \(n > 2f \+ 2 with num_byzantine f = 1\), got 4"):
+    message = r"'krum' needs at least 5 updates \(n > 2f \+ 2 with num_byzantine f = 1\), got 4"
+    with pytest.raises(TooFewUpdates, match=message):
         fold(strategy, {"w": f64(0, 0), "steps": torch.tensor(0)}, _updates(f64)[:4])
     assert Krum(num_byzantine=0).min_updates == 3
 

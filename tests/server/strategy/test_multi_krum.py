@@ -38,7 +38,10 @@ def test_selecting_more_than_arrived(fold, f64) -> None:
         fold(strategy, {"w": f64(0, 0), "steps": torch.tensor(0)}, _updates(f64))
 
 
-@pytest.mark.parametrize(("params", "message"), [({"num_selected": 0}, "num_selected must be >= 1, got 0"), ({"num_byzantine": -2}, "num_byzantine")])
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [({"num_selected": 0}, "num_selected must be >= 1, got 0"), ({"num_byzantine": -2}, "num_byzantine must be")],
+)
 def test_bad_parameters(params: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MultiKrum(**{"num_byzantine": 1, "num_selected": 2, **params})

@@ -51,7 +51,11 @@ def _round_updates(server_round: int, kind: UpdateKind, global_state: State) -> 
     gen = torch.Generator().manual_seed(server_round)
     updates = []
     for worker in range(WORKERS):
-        noise = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) * 0.1 for k, v in global_state.items() if v.is_floating_point()}
+        noise = {
+            k: torch.randn(v.shape, generator=gen, dtype=v.dtype) * 0.1
+            for k, v in global_state.items()
+            if v.is_floating_point()
+        }
         if kind == "weights":
             state = {k: global_state[k] + n for k, n in noise.items()}
         else:
@@ -62,7 +66,9 @@ def _round_updates(server_round: int, kind: UpdateKind, global_state: State) -> 
     return updates
 
 
-def _play(fold: Callable[..., State], strategy: Strategy, state: State, kind: UpdateKind, rounds: range) -> list[State]:
+def _play(
+    fold: Callable[..., State], strategy: Strategy, state: State, kind: UpdateKind, rounds: range
+) -> list[State]:
     states = []
     for server_round in rounds:
         state = fold(strategy, state, _round_updates(server_round, kind, state), kind=kind, server_round=server_round)
@@ -74,7 +80,9 @@ def _equal(a: State, b: State) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize(("name", "params", "kind", "stateful"), CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("name", "params", "kind", "stateful"), CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(CASES)]
+)
 def test_resume_is_bit_identical(
     fold: Callable[..., State], name: str, params: dict[str, Any], kind: UpdateKind, stateful: bool
 ) -> None:

@@ -12,7 +12,8 @@ COLUMNS = [(1, -50), (100, 0), (3, 2), (2, 0), (4, 1)]
 
 
 def test_five_workers_by_hand(fold, f64) -> None:
-    updates = [(n, {"w": f64(*c), "steps": torch.tensor(s)}) for n, c, s in zip((1, 9, 1, 1, 1), COLUMNS, (4, 100, 6, 5, 0))]
+    samples, steps = (1, 9, 1, 1, 1), (4, 100, 6, 5, 0)
+    updates = [(n, {"w": f64(*c), "steps": torch.tensor(s)}) for n, c, s in zip(samples, COLUMNS, steps)]
     out = fold(TrimmedMean(beta=0.2), {"w": f64(0, 0), "steps": torch.tensor(0)}, updates)
     # beta 0.2 of 5 trims 1 at each end, unweighted: {1,2,3,4,100} -> (2+3+4)/3 = 3; {-50,0,0,1,2} -> 1/3;
     # steps (integer) take the lower median of {0,4,5,6,100} -> 5
@@ -34,7 +35,8 @@ def test_deltas_are_added_to_the_global_model(fold, f64) -> None:
 def test_too_few_updates_to_trim_names_the_numbers(fold, f64) -> None:
     strategy = TrimmedMean(beta=0.2)
     assert strategy.min_updates == 5
-    with pytest.raises(TooFewUpdates, match=r"round 3: strategy 'trimmed_mean' needs at least 5 updates .*beta = 0.2.*got 4") as info:
+    message = r"round 3: strategy 'trimmed_mean' needs at least 5 updates .*beta = 0.2.*got 4"
+    with pytest.raises(TooFewUpdates, match=message) as info:
         fold(strategy, {"w": f64(0)}, [(1, {"w": f64(i)}) for i in range(4)], server_round=3)
     assert isinstance(info.value, ValueError) and isinstance(info.value, NotEnoughWorkers)
 

@@ -1,0 +1,41 @@
+"""A misbehaving worker process for the fault tests: ``python faulty_worker.py MODE [fl-worker options]``.
+
+MODE is ``nan`` (an update with NaN in it), ``shape`` (a tensor of the wrong shape) or ``signflip`` (the honest
+update sign-flipped around the global model and scaled by 10). Everything else is the real ``fl-worker``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import torch
+
+import fedlink.worker.cli as cli
+from fedlink.protocol.messages import TrainRequest, TrainResult
+from fedlink.protocol.tensors import State
+from fedlink.worker.service import WorkerService
+
+
+class FaultyService(WorkerService):
+    mode = "nan"
+
+    def train(self, request: TrainRequest, state: State, stop: threading.Event | None = None) -> tuple[TrainResult, State]:
+        result, update = super().train(request, state, stop)
+        first = next(name for name, t in update.items() if t.is_floating_point())
+        if self.mode == "nan":
+            update[first] = update[first].clone()
+            update[first].view(-1)[0] = float("nan")
+        elif self.mode == "shape":
+            update[first] = torch.zeros(3, 3)
+        elif self.mode == "signflip":
+            update = {
+                k: (state[k] - 10 * (v - state[k])) if v.is_floating_point() else v for k, v in update.items()
+            }
+        return result, update
+
+
+if __name__ == "__main__":
+    FaultyService.mode = sys.argv[1]
+    cli.WorkerService = FaultyService  # type: ignore[misc]  # the test double replaces the service, nothing else
+    cli.main(sys.argv[2:])
