@@ -184,9 +184,9 @@ class Coordinator:
                 self.state,
                 {
                     "name": config.name,
-                    "rounds": str(config.rounds),
+                    "rounds": config.rounds,
                     "factory": config.model.factory,
-                    "kwargs": json.dumps(config.model.kwargs, sort_keys=True),
+                    "kwargs": config.model.kwargs,
                     "fedlink": __version__,
                 },
             )

@@ -15,11 +15,15 @@ from safetensors.torch import save_file
 __all__ = ["RunOutput", "write_atomic_model"]
 
 
-def write_atomic_model(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Write safetensors to a temporary file, fsync, rename: a reader never sees half a model."""
+def write_atomic_model(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
+    """Write safetensors to a temporary file, fsync, rename: a reader never sees half a model.
+
+    The metadata goes in as one JSON string under ``"fedlink"``: safetensors keeps metadata in a hash map whose
+    order changes from process to process, and identical runs must write identical bytes.
+    """
     tmp = path.with_name(path.name + ".tmp")
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
-    save_file(tensors, str(tmp), metadata=dict(metadata))
+    save_file(tensors, str(tmp), metadata={"fedlink": json.dumps(dict(metadata), sort_keys=True)})
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -56,6 +60,6 @@ class RunOutput:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def save_model(self, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    def save_model(self, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
         write_atomic_model(self.model_path, state, metadata)
         return self.model_path

@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from fedlink.server.localworkers import start_workers, stop_workers
 
+from .conftest import coordinator_command
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _coordinator() -> list[str]:
-    script = Path(sys.executable).with_name("fl-coordinator")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "fedlink.server"]
-
-
-def test_mnist_iid_three_workers_reaches_97_percent(shared_data: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "prepare_data.py"), "mnist", "--workers", "3", "--root", str(shared_data), "--out", str(data)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+def test_mnist_iid_three_workers_reaches_97_percent(mnist3: Path, tmp_path: Path) -> None:
+    data = mnist3
     config = yaml.safe_load((ROOT / "examples" / "mnist-iid" / "config.yaml").read_text())
     workers = start_workers([data / f"shard-{i}.npy" for i in range(3)], extra_args=["--threads", "1"])
     try:
@@ -34,7 +24,7 @@ def test_mnist_iid_three_workers_reaches_97_percent(shared_data: Path, tmp_path:
         config["evaluation"]["data"] = str(data / "test.npy")
         config["output"] = str(tmp_path / "run")
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-        done = subprocess.run([*_coordinator(), "train", str(tmp_path / "config.yaml")], capture_output=True, timeout=900)
+        done = subprocess.run([*coordinator_command(), "train", str(tmp_path / "config.yaml")], capture_output=True, timeout=900)
         assert done.returncode == 0, done.stderr.decode()[-3000:]
     finally:
         stop_workers(workers)
