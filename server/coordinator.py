@@ -80,6 +80,12 @@ class Coordinator:
         self.output = RunOutput(config.output)
         self.model, self.state = initial_state(config)
         self.strategy: Strategy = build_strategy(config.strategy.name, config.strategy.params())
+        if config.sampling.min_workers < self.strategy.min_updates:
+            raise ConfigError(
+                f"sampling.min_workers is {config.sampling.min_workers} but strategy {config.strategy.name!r} "
+                f"needs at least {self.strategy.min_updates} updates per round"
+            )
+        self.strategy.configure_train(1, self._plan())  # refuses now what a round would refuse later
         self.history: list[dict[str, Any]] = []
         self.listen_url: str | None = None
         self.listening = asyncio.Event()
