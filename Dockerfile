@@ -18,7 +18,7 @@ COPY common/ /tmp/fedlink/common/
 COPY protocol/ /tmp/fedlink/protocol/
 COPY server/ /tmp/fedlink/server/
 COPY worker/ /tmp/fedlink/worker/
-RUN pip install "/tmp/fedlink[demo]" && rm -rf /tmp/fedlink
+RUN pip install /tmp/fedlink && rm -rf /tmp/fedlink
 
 # An unprivileged user. Every named volume of docker-compose.yml is mounted on one of these folders: Docker gives
 # a new volume the owner of the folder it is first mounted on, so they must exist here, owned by that user.

@@ -48,9 +48,13 @@ class Metrics:
     accuracy: float
     num_samples: int
     steps: int = 0
+    roc_auc: float | None = None  # binary tasks only: area under the ROC curve of the positive class's score
 
     def as_dict(self) -> dict[str, float]:
-        return {"loss": self.loss, "accuracy": self.accuracy, "steps": float(self.steps)}
+        out = {"loss": self.loss, "accuracy": self.accuracy, "steps": float(self.steps)}
+        if self.roc_auc is not None:
+            out["roc_auc"] = self.roc_auc
+        return out
 
 
 def make_optimizer(
@@ -175,17 +179,29 @@ def evaluate(
     device: torch.device | str = "cpu",
     stop: threading.Event | None = None,
 ) -> Metrics:
+    """Loss and accuracy over all of ``x``; for two-class models also the ROC AUC of class 1's probability."""
     device = torch.device(device)
     model.eval()
     loss_sum, correct = 0.0, 0
+    scores: list[torch.Tensor] = []
     for index in batches(len(x), batch_size):
         _check_stop(stop)
         xb, yb = x[index].to(device), y[index].to(device)
         logits = model(xb)
         loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
         correct += int((logits.argmax(dim=1) == yb).sum())
+        if logits.shape[1] == 2:
+            scores.append(logits.softmax(dim=1)[:, 1].to("cpu"))
     n = len(x)
-    return Metrics(loss_sum / max(n, 1), correct / max(n, 1), n)
+    return Metrics(loss_sum / max(n, 1), correct / max(n, 1), n, roc_auc=_roc_auc(y, scores))
+
+
+def _roc_auc(y: torch.Tensor, scores: list[torch.Tensor]) -> float | None:
+    if not scores or len(torch.unique(y)) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y.to("cpu").numpy(), torch.cat(scores).numpy()))
 
 
 def state_on_cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -56,7 +56,9 @@ class WebSocketChannel:
             raise ChannelClosed(_why(exc)) from exc
 
     async def close(self, reason: str = "") -> None:
-        await self._connection.close(1000, reason[:120])
+        # A close frame holds at most 123 bytes of reason (UTF-8); websockets refuses a longer one and then leaves
+        # the connection open, so cut by bytes, not characters (dropping a split character).
+        await self._connection.close(1000, reason.encode()[:123].decode(errors="ignore"))
 
 
 def _why(exc: ConnectionClosed) -> str:

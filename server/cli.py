@@ -91,6 +91,26 @@ def split(data: Path, n_workers: int, mode: str, alpha: float | None, classes: i
 
 
 @main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The PNG to write; the table goes beside it as .md.")
+@click.option("--target", type=click.FloatRange(0, 1), default=None, help="Also report the first round reaching this accuracy.")
+@click.option("--title", default="", help="Title of the plot.")
+def report(runs: tuple[Path, ...], out: Path, target: float | None, title: str) -> None:
+    """Plot accuracy and loss per round of one or several RUN folders, and write a markdown table."""
+    from .report import load_run, markdown_table, plot_runs  # matplotlib is needed only here
+
+    try:
+        loaded = [load_run(folder) for folder in runs]
+    except FedlinkError as exc:
+        raise click.ClickException(str(exc)) from exc
+    plot_runs(loaded, out, title=title)
+    table = markdown_table(loaded, target=target)
+    out.with_suffix(".md").write_text(table, encoding="utf-8")
+    click.echo(table, nl=False)
+    click.echo(f"plot: {out}\ntable: {out.with_suffix('.md')}")
+
+
+@main.command()
 @click.option("--rounds", type=click.IntRange(1, 1000), default=5)
 @click.option("--workers", "n_workers", type=click.IntRange(1, 16), default=3)
 @click.option("--seed", type=int, default=0)

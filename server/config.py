@@ -60,6 +60,7 @@ class TrainingConfig(_Section):
     update: UpdateKind = "weights"
     grad_clip: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, ge=1, description="cap on local steps per round (per worker)")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="learning rate multiplier per round: lr * lr_decay**(round-1)")
 
 
 class StrategyConfig(_Section):

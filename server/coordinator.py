@@ -17,7 +17,7 @@ from fedlink.protocol.messages import Hello, TrainingPlan
 from fedlink.protocol.session import SessionOptions
 from fedlink.protocol.tensors import State, header_of
 from fedlink.shards import load_shard
-from fedlink.training import evaluate
+from fedlink.training import Metrics, evaluate
 
 from . import __version__
 from .config import JobConfig
@@ -101,23 +101,23 @@ class Coordinator:
             heartbeat=self.config.timeouts.heartbeat,
         )
 
-    def _plan(self) -> TrainingPlan:
+    def _plan(self, server_round: int = 1) -> TrainingPlan:
+        """The round's training plan; the learning rate decays by ``training.lr_decay`` per round."""
         t = self.config.training
+        lr = t.optimizer.lr * t.lr_decay ** (server_round - 1)
         return TrainingPlan(
             epochs=t.epochs,
             batch_size=t.batch_size,
-            optimizer=t.optimizer,
+            optimizer=t.optimizer.model_copy(update={"lr": lr}),
             update=t.update,
             grad_clip=t.grad_clip,
             max_steps=t.max_steps,
         )
 
-    def _evaluate(self, state: State) -> tuple[float | None, float | None]:
-        if self._eval_data is None:
-            return None, None
+    def _evaluate(self, state: State) -> Metrics:
         self.model.load_state_dict(state)
-        metrics = evaluate(self.model, *self._eval_data, batch_size=self.config.evaluation.batch_size, device=self.config.device)
-        return metrics.accuracy, metrics.loss
+        assert self._eval_data is not None
+        return evaluate(self.model, *self._eval_data, batch_size=self.config.evaluation.batch_size, device=self.config.device)
 
     def _resume(self) -> int:
         """Load the last checkpoint; returns the first round still to run."""
@@ -170,7 +170,7 @@ class Coordinator:
                     header=header,
                     update_header=update_header,
                     model=config.model,
-                    plan=self._plan(),
+                    plan=self._plan(server_round),
                     strategy=self.strategy,
                     seed=config.seed,
                     deadline=loop.time() + config.timeouts.round,
@@ -203,9 +203,10 @@ class Coordinator:
     async def _finish_round(self, report: RoundReport) -> dict[str, Any]:
         config = self.config
         started = time.perf_counter()
-        accuracy = loss = None
+        accuracy = loss = roc_auc = None
         if self._eval_data is not None and (report.server_round % config.evaluation.every == 0 or report.server_round == config.rounds):
-            accuracy, loss = await asyncio.to_thread(self._evaluate, report.state)
+            metrics = await asyncio.to_thread(self._evaluate, report.state)
+            accuracy, loss, roc_auc = metrics.accuracy, metrics.loss, metrics.roc_auc
         contributed = report.contributed
         total = sum(o.num_samples for o in contributed)
         train_loss = sum(o.metrics.get("loss", 0.0) * o.num_samples for o in contributed) / max(total, 1)
@@ -214,6 +215,7 @@ class Coordinator:
             "rounds": config.rounds,
             "accuracy": accuracy,
             "loss": loss,
+            **({"roc_auc": roc_auc} if roc_auc is not None else {}),
             "workers": len(contributed),
             "selected": len(report.outcomes),
             "samples": total,

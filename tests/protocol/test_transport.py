@@ -13,6 +13,7 @@ import torch
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from fedlink.protocol.channel import ChannelClosed
 from fedlink.protocol.errors import HandshakeFailed, ProtocolError
 from fedlink.protocol.frames import decode_frame, encode_message
 from fedlink.protocol.limits import MiB, Limits
@@ -179,6 +180,28 @@ async def test_server_closing_fails_the_client_session() -> None:
         server_side = await asyncio.wait_for(served.started.get(), WAIT)
         await server_side.close("maintenance")
         assert await asyncio.wait_for(session.wait_closed(), WAIT) == "peer said goodbye (maintenance)"
+
+
+@pytest.mark.parametrize("reason", ["", "short", "x" * 500, "é" * 200, "a" + "☃" * 60])
+async def test_channel_close_with_any_reason_closes_the_connection(reason: str) -> None:
+    seen: asyncio.Queue[BaseException] = asyncio.Queue()
+
+    async def on_channel(channel: WebSocketChannel) -> None:
+        try:
+            await channel.recv()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            await seen.put(exc)
+
+    listener = await listen(on_channel, host="127.0.0.1", port=0, limits=Limits())
+    try:
+        channel = await dial(listener.url, limits=Limits(), timeout=WAIT)
+        await channel.close(reason)
+        closed = await asyncio.wait_for(seen.get(), WAIT)
+        assert isinstance(closed, ChannelClosed) and "closed with code 1000" in str(closed)
+        assert reason.encode()[:50].decode(errors="ignore") in str(closed)
+        await channel.close(reason)  # idempotent
+    finally:
+        await listener.close()
 
 
 async def _raw_recv(ws: object) -> Message:
