@@ -16,14 +16,23 @@ def coordinator_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "fedlink.server"]
 
 
-@pytest.fixture(scope="session")
-def mnist3(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MNIST's first 8,000 images split IID over 3 shards, the last 2,000 as ``test.npy``."""
-    out = tmp_path_factory.mktemp("mnist3")
+def _mnist(shared_data: Path, out: Path, workers: int, *extra: str) -> Path:
     subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "prepare_data.py"), "mnist", "--workers", "3", "--root", str(shared_data), "--out", str(out)],
+        [sys.executable, str(ROOT / "examples" / "prepare_data.py"), "mnist", "--workers", str(workers), "--root", str(shared_data), "--out", str(out), *extra],
         check=True,
         capture_output=True,
         timeout=120,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def mnist3(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MNIST's first 8,000 images split IID over 3 shards, the last 2,000 as ``test.npy``."""
+    return _mnist(shared_data, tmp_path_factory.mktemp("mnist3"), 3)
+
+
+@pytest.fixture(scope="session")
+def mnist5(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same 8,000 images split IID over 5 shards."""
+    return _mnist(shared_data, tmp_path_factory.mktemp("mnist5"), 5)
