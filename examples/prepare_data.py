@@ -3,10 +3,12 @@
     python examples/prepare_data.py mnist --workers 3 --out examples/mnist-iid/data
     python examples/prepare_data.py mnist --workers 10 --classes-per-worker 2 --out examples/mnist-noniid/data
     python examples/prepare_data.py sms --workers 2 --out examples/sms-spam/data
+    python examples/prepare_data.py digits --workers 3 --out examples/digits/data
 
 MNIST: the first 8,000 images of the MNIST test set (t10k-*) are the federated training pool, the last 2,000 the
 held-out set. SMS spam: the first 80% of messages (file order) are split over the workers, the last 20% are the
-held-out set. The data is read from ``$FEDLINK_SHARED_DATA`` or ``../shared/data``; get it from the public sources:
+held-out set. Digits: scikit-learn's bundled 1,797 images, 297 shuffled out as the held-out set (no download).
+MNIST and SMS spam are read from ``$FEDLINK_SHARED_DATA`` or ``../shared/data``; get it from the public sources:
 MNIST from http://yann.lecun.com/exdb/mnist/ and the SMS Spam Collection from the UCI Machine Learning Repository.
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from fedlink.datasets import load_mnist, load_sms_spam, shared_data_dir
+from fedlink.datasets import load_digits, load_mnist, load_sms_spam, shared_data_dir
 from fedlink.server import split as splitting
 from fedlink.shards import save_shard
 
@@ -86,6 +88,18 @@ def sms(workers: int, seq_len: int, vocab_size: int, seed: int, root: Path | Non
     # The reference tutorial splits the training 80% in two halves, in file order.
     parts = [np.asarray(p, dtype=np.int64) for p in np.array_split(np.arange(cut), workers)]
     write(out, train_x, train_y, test_x, test_y, parts, "SMSSpamCollection")
+
+
+@main.command()
+@click.option("--workers", type=int, default=3)
+@click.option("--dirichlet", "alpha", type=float, default=None)
+@click.option("--seed", type=int, default=0)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def digits(workers: int, alpha: float | None, seed: int, out: Path) -> None:
+    x, y = load_digits()
+    order = np.random.default_rng(seed).permutation(len(y))
+    test, train = order[:297], order[297:]
+    write(out, x[train], y[train], x[test], y[test], split(y[train], workers, seed, None, alpha), "sklearn digits")
 
 
 if __name__ == "__main__":

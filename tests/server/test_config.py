@@ -74,3 +74,9 @@ def test_missing_key_and_bad_yaml_and_missing_file(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*/config.yaml")), ids=lambda p: p.parent.name)
+def test_every_example_config_validates(example: Path) -> None:
+    config = load_config(example)
+    assert config.evaluation.data is not None and config.evaluation.data.parent == example.parent / "data"
