@@ -517,6 +517,11 @@ class Session:
                 await self.close(f"nothing heard from {self.peer} for {silent:.0f}s")
                 return
             try:
-                await self._send_frame(encode_message(Heartbeat(id=next(self._ids))))
+                # A peer that stopped reading would block this send forever; that is silence too.
+                async with asyncio.timeout(self.options.heartbeat_timeout):
+                    await self._send_frame(encode_message(Heartbeat(id=next(self._ids))))
+            except TimeoutError:
+                await self._shutdown(f"{self.peer} stopped reading for {self.options.heartbeat_timeout:.0f}s")
+                return
             except SessionClosed:
                 return
