@@ -7,7 +7,9 @@
     ├── VersionMismatch       the peer speaks another protocol version
     ├── LimitExceeded         a frame, state or tensor is larger than the configured limits
     ├── StateMismatch         a model state's tensor names, shapes or dtypes differ from the expected ones
-    ├── HandshakeFailed       the opening exchange did not complete (timeout, wrong role, bad hello)
+    ├── HandshakeFailed       the opening exchange did not complete (timeout, wrong role, bad hello, TLS)
+    │   └── AuthenticationFailed  a peer did not prove it holds the shared token, or only one side has a token
+    ├── CredentialsError      a token or certificate file cannot be used (missing, unreadable, malformed, weak)
     ├── TransferError         a model state transfer broke off or was refused
     ├── RequestTimeout        no reply within the deadline
     ├── RemoteError           the peer answered with an ``error`` message (``code`` says which)
@@ -27,6 +29,8 @@ __all__ = [
     "LimitExceeded",
     "StateMismatch",
     "HandshakeFailed",
+    "AuthenticationFailed",
+    "CredentialsError",
     "TransferError",
     "RequestTimeout",
     "RemoteError",
@@ -58,6 +62,24 @@ class StateMismatch(ProtocolError):
 
 class HandshakeFailed(ProtocolError):
     code = "handshake_failed"
+
+
+class AuthenticationFailed(HandshakeFailed):
+    """The peer could not prove that it holds the token, or one side requires a token and the other has none.
+
+    The message says which side lacks what and how to give it; the connection is closed.
+    """
+
+    code = "auth_failed"
+
+
+class CredentialsError(ProtocolError):
+    """A token file, token variable, certificate or key cannot be used; the message names it and the fix.
+
+    Raised while starting up, before any connection: a daemon refuses to start rather than run less safely.
+    """
+
+    code = "credentials"
 
 
 class TransferError(ProtocolError):

@@ -4,6 +4,9 @@ Every message carries ``type`` (its tag), ``v`` (the protocol version), ``id`` (
 and, for answers, ``reply_to``. A message may announce a model state in ``state``; the state's bytes follow only
 when the receiver asks for them with :class:`Pull` (so a busy or unwilling receiver never pays for a transfer, and
 a receiver bounds how many states it takes in at once). The wire layout of a frame is in :mod:`.frames`.
+
+When both hellos say ``auth``, the handshake goes on with :class:`AuthChallenge` and :class:`AuthProof` from each
+side (see :mod:`.auth`); nothing else may be sent before it ends.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ __all__ = [
     "Message",
     "DatasetInfo",
     "Hello",
+    "AUTH_SCHEME",
+    "AuthChallenge",
+    "AuthProof",
     "ModelSpec",
     "OptimizerSpec",
     "TrainingPlan",
@@ -39,6 +45,10 @@ __all__ = [
 PROTOCOL_VERSION = 1
 
 UpdateKind = Literal["weights", "delta", "gradients"]
+
+#: The one authentication scheme of protocol version 1 (see :mod:`.auth`).
+AUTH_SCHEME = "hmac-sha256"
+_HEX32 = r"^[0-9a-f]{64}$"  # 32 bytes as lowercase hex: msgpack ``bin`` is refused in control frames
 
 
 class _Strict(BaseModel):
@@ -72,6 +82,23 @@ class Hello(Message):
     capabilities: tuple[str, ...] = ()
     dataset: DatasetInfo | None = None
     heartbeat: float = Field(5.0, gt=0, le=3600, description="send me a heartbeat at least this often (seconds)")
+    # Said before anything else, so that a side with a token and a side without one both see the mismatch and
+    # both report it, instead of one of them timing out waiting for a challenge.
+    auth: Literal["hmac-sha256"] | None = Field(None, description="this side requires the peer to authenticate")
+
+
+class AuthChallenge(Message):
+    """Second message of each side when both hellos say ``auth``: 32 fresh random bytes, as hex."""
+
+    type: Literal["auth_challenge"] = "auth_challenge"
+    nonce: str = Field(pattern=_HEX32)
+
+
+class AuthProof(Message):
+    """Third message: HMAC-SHA256 over both hellos and both nonces under the shared token (see :mod:`.auth`)."""
+
+    type: Literal["auth_proof"] = "auth_proof"
+    mac: str = Field(pattern=_HEX32)
 
 
 class ModelSpec(_Strict):
@@ -177,6 +204,8 @@ class Bye(Message):
 AnyMessage = Annotated[
     Union[
         Hello,
+        AuthChallenge,
+        AuthProof,
         TrainRequest,
         TrainResult,
         EvaluateRequest,

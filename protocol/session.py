@@ -11,17 +11,20 @@ from the tensors only then, chunk by chunk, so a state shared by many sends is n
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 
 from ..errors import FedlinkError
+from .auth import ADVICE, Keyring, check_proof, make_proof, new_nonce, transcript
 from .channel import Channel, ChannelClosed
 from .errors import (
+    AuthenticationFailed,
     HandshakeFailed,
     MalformedFrame,
     ProtocolError,
@@ -33,7 +36,7 @@ from .errors import (
 )
 from .frames import DataFrame, decode_frame, encode_data, encode_message
 from .limits import Limits
-from .messages import Bye, Discard, ErrorMessage, Heartbeat, Hello, Message, Pull
+from .messages import AUTH_SCHEME, AuthChallenge, AuthProof, Bye, Discard, ErrorMessage, Heartbeat, Hello, Message, Pull
 from .tensors import State, StateAssembler, StateHeader, check_header, header_of, iter_state_chunks
 
 __all__ = ["Session", "Inbound", "RequestHandler", "handshake", "SessionOptions"]
@@ -41,6 +44,7 @@ __all__ = ["Session", "Inbound", "RequestHandler", "handshake", "SessionOptions"
 log = logging.getLogger("fedlink.protocol.session")
 
 M = TypeVar("M", bound=Message)
+_A = TypeVar("_A", AuthChallenge, AuthProof)
 
 
 @dataclass(frozen=True)
@@ -101,20 +105,49 @@ class _Counters:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-async def handshake(channel: Channel, hello: Hello, *, limits: Limits, timeout: float) -> Hello:
+async def handshake(
+    channel: Channel,
+    hello: Hello,
+    *,
+    limits: Limits,
+    timeout: float,
+    keyring: Keyring | None = None,
+    initiator: bool = False,
+) -> Hello:
     """Exchange hellos (both sides send first, so it works whichever side dialled) and return the peer's.
 
-    Raises :class:`VersionMismatch` / :class:`HandshakeFailed` / :class:`RemoteError`; the caller closes the
-    channel. The peer is told why before we give up, so both sides log the same reason.
+    With a ``keyring``, our hello says that we require authentication, and the handshake goes on with the
+    challenge-response of :mod:`.auth`: both sides must hold the same token, and a side with a token refuses a
+    side without one (both report it). ``initiator`` is True on the side that dialled: it proves first.
+    ``timeout`` bounds the whole exchange.
+
+    Raises :class:`VersionMismatch` / :class:`HandshakeFailed` (:class:`AuthenticationFailed` for anything about
+    tokens) / :class:`RemoteError`; the caller closes the channel. The peer is told why before we give up, so both
+    sides log the same reason.
     """
+    if keyring:
+        hello = hello.model_copy(update={"auth": AUTH_SCHEME})
+    mine = encode_message(hello)
+    stage = "hello"
     try:
         async with asyncio.timeout(timeout):
-            await channel.send(encode_message(hello))
-            data = await channel.recv()
+            await channel.send(mine)
+            theirs = await channel.recv()
+            peer = await _check_hello(channel, hello, theirs, limits)
+            if not keyring and peer.auth is None:
+                return peer
+            stage = "authentication"
+            await _authenticate(
+                channel, hello, mine, peer, bytes(theirs), limits=limits, keyring=keyring, initiator=initiator
+            )
+            return peer
     except TimeoutError as exc:
-        raise HandshakeFailed(f"no hello from {channel.peer} within {timeout:g}s") from exc
+        raise HandshakeFailed(f"no {stage} from {channel.peer} within {timeout:g}s") from exc
     except ChannelClosed as exc:
         raise HandshakeFailed(f"{channel.peer} closed the connection during the handshake") from exc
+
+
+async def _check_hello(channel: Channel, hello: Hello, data: bytes | str, limits: Limits) -> Hello:
     try:
         frame = decode_frame(data, limits)
     except ProtocolError as exc:
@@ -130,6 +163,92 @@ async def handshake(channel: Channel, hello: Hello, *, limits: Limits, timeout: 
         raise HandshakeFailed(problem)
     if frame.role == hello.role:
         problem = f"{channel.peer} is a {frame.role} too; a session joins a coordinator and a worker"
+        await _tell(channel, ErrorMessage(code="handshake_failed", message=problem))
+        raise HandshakeFailed(problem)
+    return frame
+
+
+async def _refuse(channel: Channel, problem: str, *, told: str | None = None) -> NoReturn:
+    """Tell the peer (``told``, or the same words) and raise :class:`AuthenticationFailed` with ``problem``."""
+    await _tell(channel, ErrorMessage(code=AuthenticationFailed.code, message=told if told is not None else problem))
+    raise AuthenticationFailed(problem)
+
+
+async def _authenticate(
+    channel: Channel,
+    hello: Hello,
+    mine: bytes,
+    peer: Hello,
+    theirs: bytes,
+    *,
+    limits: Limits,
+    keyring: Keyring | None,
+    initiator: bool,
+) -> None:
+    """The challenge-response of :mod:`.auth`, once both hellos are in; returns only when the peer proved itself."""
+    who = f"{peer.role} {peer.peer_id!r} ({channel.peer})"
+    if not keyring:
+        await _refuse(
+            channel,
+            f"{who} requires a token, this {hello.role} has none: {ADVICE[hello.role]}",
+            told=f"this {hello.role} has no token, but you require one: {ADVICE[hello.role]}",
+        )
+    assert keyring is not None
+    if peer.auth is None:
+        await _refuse(
+            channel,
+            f"{who} has no token, but this {hello.role} requires one: {ADVICE[peer.role]}",
+            told=f"this {hello.role} requires a token and you have none: {ADVICE[peer.role]}",
+        )
+    secret = keyring.for_peer(peer.peer_id)
+    if secret is None:
+        # Tell the peer no more than for a wrong token: which ids have tokens is nobody else's business.
+        await _refuse(
+            channel, f"no token for {who}{': ' + keyring.missing if keyring.missing else ''}", told=_NOT_PROVED
+        )
+    assert secret is not None
+    nonce = new_nonce()
+    await channel.send(encode_message(AuthChallenge(nonce=nonce.hex())))
+    challenge = await _expect(channel, AuthChallenge, limits, who)
+    peer_nonce = bytes.fromhex(challenge.nonce)
+    if hmac.compare_digest(peer_nonce, nonce):
+        await _refuse(channel, f"{who} sent back our own challenge", told=_NOT_PROVED)
+    if hello.role == "coordinator":
+        text = transcript(coordinator_hello=mine, worker_hello=theirs, coordinator_nonce=nonce, worker_nonce=peer_nonce)
+    else:
+        text = transcript(coordinator_hello=theirs, worker_hello=mine, coordinator_nonce=peer_nonce, worker_nonce=nonce)
+    ours = AuthProof(mac=make_proof(secret, hello.role, text).hex())
+    if initiator:
+        await channel.send(encode_message(ours))
+    proof = await _expect(channel, AuthProof, limits, who)
+    if not check_proof(secret, peer.role, text, bytes.fromhex(proof.mac)):
+        await _refuse(
+            channel,
+            f"{who} did not prove that it holds the token from {secret.origin} (a different token, or a replayed "
+            "or altered handshake); give both sides the same token",
+            told=_NOT_PROVED,
+        )
+    if not initiator:
+        await channel.send(encode_message(ours))
+
+
+_NOT_PROVED = "authentication failed: your proof does not match this side's token for you"
+
+
+async def _expect(channel: Channel, kind: type[_A], limits: Limits, who: str) -> _A:
+    """The next frame, which must be a ``kind``; the peer's own refusal becomes our error with its words."""
+    data = await channel.recv()
+    try:
+        frame = decode_frame(data, limits)
+    except ProtocolError as exc:
+        await _tell(channel, ErrorMessage(code=exc.code, message=str(exc)))
+        raise HandshakeFailed(f"bad {kind.__name__} from {who}: {exc}") from exc
+    if isinstance(frame, ErrorMessage):
+        if frame.code == AuthenticationFailed.code:
+            raise AuthenticationFailed(f"{who} refused us: {frame.message}")
+        raise RemoteError(frame.code, frame.message, peer=channel.peer)
+    if not isinstance(frame, kind):
+        problem = f"expected {kind.__name__} from {who}, got {getattr(frame, 'type', 'data')!r}"
         await _tell(channel, ErrorMessage(code="handshake_failed", message=problem))
         raise HandshakeFailed(problem)
     return frame

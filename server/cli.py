@@ -16,6 +16,7 @@ from fedlink.errors import FedlinkError
 from fedlink.shards import load_shard, save_shard
 
 from . import split as splitting
+from .certs import certs
 from .config import load_config
 from .coordinator import Coordinator
 from .progress import make_progress
@@ -129,6 +130,9 @@ def demo(rounds: int, n_workers: int, seed: int, out: Path, log_level: str) -> N
         raise click.ClickException(str(exc)) from exc
     click.echo(f"demo finished: test accuracy {result.accuracy:.2%} after {rounds} rounds ({n_workers} workers)")
     click.echo(f"metrics: {out / 'metrics.jsonl'}\nmodel:   {out / 'model.safetensors'}")
+
+
+main.add_command(certs)  # server/certs.py: a development CA and certificates for TLS
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,6 +26,8 @@ __all__ = [
     "StrategyConfig",
     "TimeoutsConfig",
     "ListenConfig",
+    "AuthConfig",
+    "TLSConfig",
     "EvaluationConfig",
     "load_config",
     "parse_config",
@@ -39,6 +41,7 @@ class _Section(BaseModel):
 
 class WorkerEntry(_Section):
     url: str
+    token_file: Path | None = Field(None, description="this worker's own token; overrides auth.token_file")
 
     @field_validator("url")
     @classmethod
@@ -88,6 +91,33 @@ class ListenConfig(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(8700, ge=0, le=65535)
+    max_connections: int = Field(1024, ge=1, description="most connections held at once; one more is refused")
+
+
+class AuthConfig(_Section):
+    """Tokens (see SECURITY.md). A dialled worker uses its entry's ``token_file``, else ``token_file`` here; a
+    worker that dials in uses ``workers[its id]``, else ``token_file``. A worker listed in ``workers`` is checked
+    against its own token only, so no holder of the shared token can take its place."""
+
+    token_file: Path | None = Field(None, description="token shared by every worker without its own")
+    workers: dict[str, Path] = Field(default_factory=dict, description="worker id -> token file, for dial-in workers")
+
+
+class TLSConfig(_Section):
+    """TLS for every connection: ``wss://`` worker URLs, and a ``wss://`` listener when ``listen`` is set."""
+
+    ca: Path | None = Field(None, description="CA bundle that signed the workers' certificates [default: the system's]")
+    cert: Path | None = Field(None, description="the coordinator's certificate: client certificate and listener's")
+    key: Path | None = Field(None, description="private key of cert")
+    require_client_cert: bool = Field(False, description="the listener requires dial-in workers' certificates (from ca)")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "TLSConfig":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls.cert and tls.key go together")
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("tls.require_client_cert needs tls.ca, the CA that signed the workers' certificates")
+        return self
 
 
 class EvaluationConfig(_Section):
@@ -111,6 +141,8 @@ class JobConfig(_Section):
     output: Path = Path("runs/fedlink")
     limits: Limits = Limits()
     device: str = "cpu"
+    auth: AuthConfig = AuthConfig()
+    tls: TLSConfig | None = None
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -133,6 +165,18 @@ class JobConfig(_Section):
             raise ValueError(f"workers lists {', '.join(duplicates)} more than once")
         return self
 
+    @model_validator(mode="after")
+    def _security(self) -> "JobConfig":
+        if self.tls is not None:
+            plain = [w.url for w in self.workers if not w.url.startswith("wss://")]
+            if plain:
+                raise ValueError(f"tls is configured but {', '.join(plain)} would be dialled in plain text; use wss://")
+            if self.listen is not None and self.tls.cert is None:
+                raise ValueError("listen with tls needs tls.cert and tls.key, the certificate workers will verify")
+        if self.auth.workers and self.listen is None:
+            raise ValueError("auth.workers names workers that dial in; set listen too (dialled workers take token_file)")
+        return self
+
     def fingerprint(self) -> str:
         """A digest of everything that shapes the model's trajectory; a checkpoint only resumes a matching job."""
         keys = {"seed", "model", "training", "strategy", "sampling"}
@@ -148,7 +192,27 @@ class JobConfig(_Section):
         if evaluation.data is not None and not evaluation.data.is_absolute():
             evaluation = evaluation.model_copy(update={"data": base / evaluation.data})
             update["evaluation"] = evaluation
+        update.update(self._resolve_security_paths(base))
         return self.model_copy(update=update)
+
+    def _resolve_security_paths(self, base: Path) -> dict[str, Any]:
+        """Token files and TLS files, like every other path: relative to the config file's folder."""
+
+        def under(path: Path | None) -> Path | None:
+            return path if path is None or path.is_absolute() else base / path
+
+        return {
+            "workers": [w.model_copy(update={"token_file": under(w.token_file)}) for w in self.workers],
+            "auth": self.auth.model_copy(
+                update={
+                    "token_file": under(self.auth.token_file),
+                    "workers": {k: under(v) for k, v in self.auth.workers.items()},
+                }
+            ),
+            "tls": None if self.tls is None else self.tls.model_copy(
+                update={"ca": under(self.tls.ca), "cert": under(self.tls.cert), "key": under(self.tls.key)}
+            ),
+        }
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

@@ -28,6 +28,7 @@ from .pool import WorkerPool
 from .progress import Progress
 from .remote import RemoteWorker
 from .rounds import RoundReport, derive_seed, run_round
+from .security import Security
 from .strategy import Strategy, build_strategy
 
 __all__ = ["Coordinator", "select_workers", "initial_state"]
@@ -65,7 +66,11 @@ class Coordinator:
     ) -> None:
         self.config = config
         self.progress = progress or Progress()
-        self.workers = workers if workers is not None else [RemoteWorker(w.url) for w in config.workers]
+        self.security = Security.from_config(config)  # reads every token and certificate now, or fails
+        self.workers = workers if workers is not None else [
+            RemoteWorker(w.url, keyring=self.security.keyring_for(w), ssl_context=self.security.ssl_for(w))
+            for w in config.workers
+        ]
         self.options = options or SessionOptions(
             inbound_slots=1, heartbeat_interval=config.timeouts.heartbeat, heartbeat_timeout=6 * config.timeouts.heartbeat
         )
@@ -76,6 +81,9 @@ class Coordinator:
             options=self.options,
             connect_timeout=config.timeouts.connect,
             backoff_cap=config.timeouts.reconnect_max,
+            listen_keyring=self.security.listen_keyring,
+            listen_ssl=self.security.listen_ssl,
+            max_connections=config.listen.max_connections if config.listen is not None else 1024,
         )
         self.output = RunOutput(config.output)
         self.model, self.state = initial_state(config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+from fedlink.protocol.auth import Keyring
 from fedlink.protocol.channel import memory_pair
 from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import Hello
@@ -25,12 +26,16 @@ async def connect_in_memory(
     hello: Hello,
     limits: Limits | None = None,
     options: SessionOptions | None = None,
+    keyring: Keyring | None = None,
 ) -> tuple[RemoteWorker, asyncio.Task[None]]:
-    """Join ``daemon`` to a new :class:`RemoteWorker`; the task serves the worker side until the session ends."""
+    """Join ``daemon`` to a new :class:`RemoteWorker`; the task serves the worker side until the session ends.
+
+    The coordinator's side dials (it proves first when both have a ``keyring``), as over a socket.
+    """
     limits = limits or daemon.limits
     coordinator_end, worker_end = memory_pair("coordinator", f"memory:{daemon.service.worker_id}")
     served = asyncio.ensure_future(daemon.serve_channel(worker_end))
-    peer = await handshake(coordinator_end, hello, limits=limits, timeout=10)
+    peer = await handshake(coordinator_end, hello, limits=limits, timeout=10, keyring=keyring, initiator=True)
     session = Session(coordinator_end, peer=peer, limits=limits, options=options or SessionOptions())
     session.start()
     remote = RemoteWorker(f"memory://{daemon.service.worker_id}")

@@ -39,15 +39,22 @@ class LocalWorker:
     log_path: Path
     args: tuple[str, ...]
     command: tuple[str, ...] = ()
+    _terminated: bool = False
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
+    def terminate(self) -> None:
+        """Ask the worker to stop (SIGTERM), once: a second SIGTERM during its shutdown would kill it outright."""
+        if self.process.poll() is None and not self._terminated:
+            self._terminated = True
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then SIGKILL if it has not exited after ``timeout`` seconds; returns the exit status."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -73,7 +80,7 @@ class LocalWorker:
         if "--connect" not in args and "--port" in args:
             args[args.index("--port") + 1] = self.url.rsplit(":", 1)[-1]
         fresh = wait_ready(_popen(self.command, args, self.log_path), timeout=ready_timeout)
-        self.process, self.url, self.args = fresh.process, fresh.url, fresh.args
+        self.process, self.url, self.args, self._terminated = fresh.process, fresh.url, fresh.args, False
         return self
 
     def log_tail(self, lines: int = 20) -> str:
@@ -174,7 +181,6 @@ def start_workers(shards: Sequence[Path], *, ready_timeout: float = 60.0, **opti
 def stop_workers(workers: Iterable[LocalWorker]) -> None:
     workers = list(workers)
     for worker in workers:
-        if worker.process.poll() is None:
-            worker.process.send_signal(signal.SIGTERM)
+        worker.terminate()
     for worker in workers:
         worker.stop()

@@ -3,20 +3,25 @@
 Workers listed in the config are dialled, and re-dialled with exponential backoff whenever their connection
 drops, so a worker that restarts is re-admitted on its own. Workers behind NAT dial in to the coordinator's
 listener instead (``fl-worker --connect``) and are known by their worker id; a worker that dials in again
-replaces its old session. After the handshake both kinds are the same :class:`RemoteWorker`.
+replaces its old session -- but only when it authenticated (``listen_keyring``): without a token nothing shows
+that the newcomer is the same worker, so an unauthenticated one is refused while the id is connected. After the
+handshake both kinds are the same :class:`RemoteWorker`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Sequence
 
 from fedlink.backoff import Backoff
+from fedlink.protocol.auth import Keyring
 from fedlink.protocol.channel import Channel
 from fedlink.protocol.errors import ProtocolError
 from fedlink.protocol.limits import Limits
-from fedlink.protocol.messages import Hello
+from fedlink.protocol.frames import encode_message
+from fedlink.protocol.messages import ErrorMessage, Hello
 from fedlink.protocol.session import Session, SessionOptions, handshake
 from fedlink.protocol.transport import Listener, listen
 
@@ -38,6 +43,9 @@ class WorkerPool:
         options: SessionOptions,
         connect_timeout: float,
         backoff_cap: float = 10.0,
+        listen_keyring: Keyring | None = None,
+        listen_ssl: ssl.SSLContext | None = None,
+        max_connections: int = 1024,
     ) -> None:
         self.configured = list(workers)
         self.dialled_in: dict[str, RemoteWorker] = {}
@@ -46,6 +54,9 @@ class WorkerPool:
         self._options = options
         self._connect_timeout = connect_timeout
         self._backoff_cap = backoff_cap
+        self._listen_keyring = listen_keyring
+        self._listen_ssl = listen_ssl
+        self._max_connections = max_connections
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: Listener | None = None
@@ -119,19 +130,39 @@ class WorkerPool:
     # -- dialling in -------------------------------------------------------------------------------------------
 
     async def listen(self, *, host: str, port: int) -> str:
-        self._listener = await listen(self._accept, host=host, port=port, limits=self._limits)
+        self._listener = await listen(
+            self._accept, host=host, port=port, limits=self._limits, ssl_context=self._listen_ssl,
+            max_connections=self._max_connections, handshake_timeout=self._connect_timeout,
+        )
         log.info("listening for workers on %s", self._listener.url)
         return self._listener.url
 
     async def _accept(self, channel: Channel) -> None:
         try:
-            peer = await handshake(channel, self._hello, limits=self._limits, timeout=self._connect_timeout)
+            peer = await handshake(
+                channel, self._hello, limits=self._limits, timeout=self._connect_timeout,
+                keyring=self._listen_keyring, initiator=False,
+            )
         except ProtocolError as exc:
             log.warning("refused connection from %s: %s", channel.peer, exc)
             await channel.close(str(exc))
             return
-        session = Session(channel, peer=peer, limits=self._limits, options=self._options)
         worker = self.dialled_in.get(peer.peer_id)
+        if worker is not None and worker.connected and not self._listen_keyring:
+            problem = (
+                f"worker id {peer.peer_id!r} is already connected; without a token this listener cannot tell "
+                "whether the new connection is the same worker, so it keeps the old one (set auth.token_file "
+                "or auth.workers to let a worker that reconnects replace its old session)"
+            )
+            log.warning("refused connection from %s: %s", channel.peer, problem)
+            try:
+                async with asyncio.timeout(1.0):
+                    await channel.send(encode_message(ErrorMessage(code="duplicate_worker", message=problem)))
+            except (TimeoutError, ProtocolError):
+                pass  # it hears the reason or not; the connection closes either way
+            await channel.close(problem)
+            return
+        session = Session(channel, peer=peer, limits=self._limits, options=self._options)
         if worker is None:
             worker = self.dialled_in[peer.peer_id] = RemoteWorker(f"dial-in:{peer.peer_id}")
         elif worker.connected:

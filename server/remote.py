@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import ssl
 
+from fedlink.protocol.auth import Keyring
 from fedlink.protocol.errors import ProtocolError
 from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import Hello
@@ -16,8 +18,12 @@ log = logging.getLogger("fedlink.server")
 
 
 class RemoteWorker:
-    def __init__(self, url: str) -> None:
+    """``keyring`` and ``ssl_context`` are what dialling this worker needs: its token and TLS settings."""
+
+    def __init__(self, url: str, *, keyring: Keyring | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         self.url = url
+        self.keyring = keyring
+        self.ssl_context = ssl_context
         self.session: Session | None = None
         self.hello: Hello | None = None
         self.last_error = ""
@@ -46,8 +52,10 @@ class RemoteWorker:
             return True
         channel = None
         try:
-            channel = await dial(self.url, limits=limits, timeout=timeout)
-            peer = await handshake(channel, hello, limits=limits, timeout=timeout)
+            channel = await dial(self.url, limits=limits, timeout=timeout, ssl_context=self.ssl_context)
+            peer = await handshake(
+                channel, hello, limits=limits, timeout=timeout, keyring=self.keyring, initiator=True
+            )
         except ProtocolError as exc:
             self.last_error = str(exc)
             if channel is not None:

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
+import ssl
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 import torch
 
 from fedlink.errors import FedlinkError
 from fedlink.factory import DEFAULT_PATTERNS, ModelAllowList
+from fedlink.protocol.auth import TOKEN_ENV, Keyring, Secret, secret_from_env, secret_from_file
+from fedlink.protocol.errors import CredentialsError
 from fedlink.protocol.limits import Limits, MiB
+from fedlink.protocol.tls import client_context, server_context
 from fedlink.shards import load_shard
 
 from .daemon import WorkerDaemon, dial_out
@@ -49,10 +55,26 @@ def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="Dial out to a coordinator listening at URL (ws:// or wss://) instead of listening; for workers behind NAT.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="Torch CPU threads for training.")
 @click.option("--max-frame-mb", type=click.FloatRange(0.1, 1024), default=4.0, help="Largest WebSocket message accepted.")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"File holding the secret token the coordinator must prove it knows (or set ${TOKEN_ENV}). "
+                   "Without one the worker is open to anyone who can reach it.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PEM certificate: listen with TLS (wss://); with --connect, the client certificate for mutual TLS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PEM private key of --tls-cert.")
+@click.option("--tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PEM CA bundle: when listening, require client certificates it signed (mutual TLS); "
+                   "with --connect, the CA that signed the coordinator's certificate [default: the system's].")
+@click.option("--max-connections", type=click.IntRange(1, 100_000), default=16,
+              help="Most connections held at once; one more is refused at once.")
+@click.option("--handshake-timeout", type=click.FloatRange(0.1, 600), default=10.0,
+              help="Seconds a connection gets for each stage of its opening (TLS, upgrade, hello and proof).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def main(
     data: Path, port: int, host: str, worker_id: str | None, device: str, allow: tuple[str, ...],
-    connect_url: str | None, threads: int | None, max_frame_mb: float, log_level: str,
+    connect_url: str | None, threads: int | None, max_frame_mb: float, token_file: Path | None,
+    tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None, max_connections: int,
+    handshake_timeout: float, log_level: str,
 ) -> None:
     """Serve one private data shard to a fedlink coordinator.
 
@@ -64,6 +86,13 @@ def main(
     )
     if threads is not None:
         torch.set_num_threads(threads)
+    host_given = _given(click.get_current_context(), "host")
+    try:
+        secret = _secret(token_file)
+        server_ssl, client_ssl = _tls(tls_cert, tls_key, tls_ca, connect_url)
+    except CredentialsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _warn(secret=secret, host=host, host_given=host_given, connect_url=connect_url, tls=server_ssl is not None)
     try:
         shard = load_shard(data)
         service = WorkerService(
@@ -73,25 +102,103 @@ def main(
     except FedlinkError as exc:
         raise click.ClickException(str(exc)) from exc
     log.info("serving %s: %d samples of shape %s (%s)", data, shard.num_samples, list(shard.sample_shape), shard.x_dtype)
-    serve(WorkerDaemon(service, limits=Limits(max_frame_bytes=int(max_frame_mb * MiB))), host, port, connect_url)
+    daemon = WorkerDaemon(
+        service, limits=Limits(max_frame_bytes=int(max_frame_mb * MiB)), handshake_timeout=handshake_timeout,
+        keyring=Keyring(shared=secret) if secret is not None else None, ssl_context=server_ssl,
+        max_connections=max_connections,
+    )
+    serve(daemon, host, port, connect_url, ssl_context=client_ssl)
 
 
-def serve(daemon: WorkerDaemon, host: str, port: int, connect_url: str | None) -> None:
+def _given(ctx: click.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _secret(token_file: Path | None) -> Secret | None:
+    """The token from --token-file or $FEDLINK_TOKEN; both at once is a mistake worth stopping for."""
+    from_env = secret_from_env()
+    if token_file is not None and from_env is not None:
+        raise click.UsageError(f"give the token either with --token-file or in ${TOKEN_ENV}, not both")
+    return secret_from_file(token_file) if token_file is not None else from_env
+
+
+def _tls(
+    cert: Path | None, key: Path | None, ca: Path | None, connect_url: str | None
+) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(listening context, dialling context) from the --tls-* flags; at most one of them is not None."""
+    if (cert is None) != (key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if connect_url is not None:
+        if connect_url.startswith("wss://"):
+            return None, client_context(ca=ca, cert=cert, key=key)
+        if cert is not None or ca is not None:
+            raise click.UsageError(f"--tls-* options need a wss:// coordinator URL, not {connect_url}")
+        return None, None
+    if cert is None or key is None:
+        if ca is not None:
+            raise click.UsageError(
+                "--tls-ca makes a listening worker require client certificates; it also needs the worker's own "
+                "--tls-cert and --tls-key"
+            )
+        return None, None
+    return server_context(cert=cert, key=key, client_ca=ca), None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _warn(*, secret: Secret | None, host: str, host_given: bool, connect_url: str | None, tls: bool) -> None:
+    """Say loudly what an operator may not have meant: a worker anyone can use, or one others can listen in on."""
+    if secret is None:
+        where = connect_url if connect_url is not None else f"{host} (any process that can reach it)"
+        lines = [
+            "this worker is OPEN: it has no token, so it cannot tell the coordinator from anyone else.",
+            f"Whoever connects ({where}) may run any allowed model on this worker's data and receive the updates.",
+            f"Give it a token with --token-file PATH or ${TOKEN_ENV}, and the coordinator the same token.",
+        ]
+        if connect_url is None and not _is_loopback(host):
+            lines.insert(1, f"It listens on {host}, which is NOT a loopback address: other machines can reach it.")
+        elif connect_url is None and not host_given:
+            lines.append("It listens on loopback only; pass --host explicitly to listen elsewhere.")
+        banner = "!" * 100
+        for line in (banner, *lines, banner):
+            log.warning(line)
+    if connect_url is None and not tls and not _is_loopback(host):
+        log.warning(
+            "listening on %s without TLS: model weights and updates cross the network unencrypted and unprotected; "
+            "use --tls-cert and --tls-key", host,
+        )
+    if connect_url is not None and connect_url.startswith("ws://") and not _is_loopback(urlsplit(connect_url).hostname or ""):
+        log.warning("dialling %s without TLS: traffic is unencrypted; use a wss:// URL", connect_url)
+
+
+def serve(
+    daemon: WorkerDaemon, host: str, port: int, connect_url: str | None, *, ssl_context: ssl.SSLContext | None = None
+) -> None:
     """Run ``daemon`` until SIGTERM/SIGINT: listening on host:port, or dialling ``connect_url``."""
     try:
-        asyncio.run(_serve(daemon, host, port, connect_url))
+        asyncio.run(_serve(daemon, host, port, connect_url, ssl_context))
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
-async def _serve(daemon: WorkerDaemon, host: str, port: int, connect_url: str | None) -> None:
+async def _serve(
+    daemon: WorkerDaemon, host: str, port: int, connect_url: str | None, ssl_context: ssl.SSLContext | None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if connect_url is not None:
         print(f"fedlink worker dialling {connect_url}", flush=True)
-        await dial_out(daemon, connect_url, stop=stop)
+        await dial_out(daemon, connect_url, stop=stop, ssl_context=ssl_context)
         log.info("shutting down")
         return
 

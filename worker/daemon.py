@@ -3,16 +3,23 @@
 One job at a time: a second request while one runs is refused at once with ``busy``, before its weights are
 transferred. Training runs in a thread so the session keeps answering heartbeats; SIGTERM stops the job between
 batches, closes the connections and ends the process with status 0.
+
+With a ``keyring`` every coordinator must prove it holds the worker's token (and the worker proves it back)
+before anything else is read; with an ``ssl_context`` the daemon listens with TLS. Whoever connects, the daemon
+holds at most ``max_connections`` connections, and closes any that has not finished the handshake within
+``handshake_timeout`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 
 from fedlink.backoff import Backoff
+from fedlink.protocol.auth import Keyring
 from fedlink.protocol.channel import Channel
 from fedlink.protocol.errors import ProtocolError
 from fedlink.protocol.limits import Limits
@@ -40,12 +47,18 @@ class WorkerDaemon:
         options: SessionOptions | None = None,
         handshake_timeout: float = 10.0,
         transfer_timeout: float = 600.0,
+        keyring: Keyring | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = 16,
     ) -> None:
         self.service = service
         self.limits = limits or Limits()
         self.options = options or SessionOptions()
         self.handshake_timeout = handshake_timeout
         self.transfer_timeout = transfer_timeout
+        self.keyring = keyring
+        self.ssl_context = ssl_context
+        self.max_connections = max_connections
         self._job = asyncio.Lock()
         self._stop_job = threading.Event()
         self._sessions: set[Session] = set()
@@ -61,10 +74,13 @@ class WorkerDaemon:
             heartbeat=self.options.heartbeat_interval,
         )
 
-    async def serve_channel(self, channel: Channel) -> None:
-        """Handshake, then serve requests until the peer leaves or the daemon stops."""
+    async def serve_channel(self, channel: Channel, *, initiator: bool = False) -> None:
+        """Handshake (``initiator``: this side dialled), then serve requests until the peer leaves or we stop."""
         try:
-            peer = await handshake(channel, self.hello(), limits=self.limits, timeout=self.handshake_timeout)
+            peer = await handshake(
+                channel, self.hello(), limits=self.limits, timeout=self.handshake_timeout,
+                keyring=self.keyring, initiator=initiator,
+            )
         except ProtocolError as exc:
             log.warning("refused connection from %s: %s", channel.peer, exc)
             await channel.close(str(exc))
@@ -98,7 +114,10 @@ class WorkerDaemon:
 
     async def start(self, *, host: str, port: int) -> str:
         """Listen; returns the URL coordinators should use."""
-        self._listener = await listen(self.serve_channel, host=host, port=port, limits=self.limits)
+        self._listener = await listen(
+            self.serve_channel, host=host, port=port, limits=self.limits, ssl_context=self.ssl_context,
+            max_connections=self.max_connections, handshake_timeout=self.handshake_timeout,
+        )
         return self._listener.url
 
     async def stop(self) -> None:
@@ -125,21 +144,23 @@ async def dial_out(
     stop: asyncio.Event,
     connect_timeout: float = 10.0,
     backoff_cap: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Keep a connection to the coordinator at ``url`` (for workers behind NAT), redialling with backoff.
 
-    Once connected, the session is served exactly as a connection the worker accepted.
+    Once connected, the session is served exactly as a connection the worker accepted; ``ssl_context`` verifies
+    a ``wss://`` coordinator (and holds the worker's client certificate, for mutual TLS).
     """
     backoff = Backoff(cap=backoff_cap)
     while not stop.is_set():
         try:
-            channel = await dial(url, limits=daemon.limits, timeout=connect_timeout)
+            channel = await dial(url, limits=daemon.limits, timeout=connect_timeout, ssl_context=ssl_context)
         except ProtocolError as exc:
             delay = backoff.next_delay()
             log.warning("cannot reach coordinator: %s; retrying in %.1fs", exc, delay)
         else:
             backoff.reset()
-            served = asyncio.ensure_future(daemon.serve_channel(channel))
+            served = asyncio.ensure_future(daemon.serve_channel(channel, initiator=True))
             stopping = asyncio.ensure_future(stop.wait())
             await asyncio.wait({served, stopping}, return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()

@@ -36,3 +36,16 @@ def mnist3(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mnist5(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same 8,000 images split IID over 5 shards."""
     return _mnist(shared_data, tmp_path_factory.mktemp("mnist5"), 5)
+
+
+@pytest.fixture(scope="session")
+def sms2(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SMS spam collection tokenised by the hashing tokenizer: the first 80% in two halves, the rest held out."""
+    out = tmp_path_factory.mktemp("sms2")
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "prepare_data.py"), "sms", "--workers", "2", "--root", str(shared_data), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return out
