@@ -24,7 +24,10 @@ RUN pip install /tmp/fedlink && rm -rf /tmp/fedlink
 # a new volume the owner of the folder it is first mounted on, so they must exist here, owned by that user.
 RUN useradd --create-home --uid 10001 --user-group fedlink \
  && mkdir -p /data /runs /config /shards/coordinator /shards/worker-1 /shards/worker-2 /shards/worker-3 \
- && chown fedlink:fedlink /data /runs /config /shards /shards/coordinator /shards/worker-1 /shards/worker-2 /shards/worker-3
+ && chown fedlink:fedlink /data /runs /config /shards /shards/coordinator /shards/worker-1 /shards/worker-2 /shards/worker-3 \
+ && mkdir -p /secrets /certs/ca /certs/coordinator /certs/worker-1 /certs/worker-2 /certs/worker-3 \
+ && chown fedlink:fedlink /secrets /certs /certs/ca /certs/coordinator /certs/worker-1 /certs/worker-2 /certs/worker-3 \
+ && chmod 700 /secrets /certs/ca /certs/coordinator /certs/worker-1 /certs/worker-2 /certs/worker-3
 
 WORKDIR /app
 COPY docker/make_shards.py /app/docker/make_shards.py

@@ -14,6 +14,12 @@ at each baseline) gives the exact peak of each phase, with no sampling gap. Two 
 model's state size: peak during ``run()`` minus RSS after the imports (so the initial model and its copy count),
 and minus RSS after ``Coordinator`` was built (what the rounds add). The parent also samples the child's RSS with
 psutil every few milliseconds, as a cross-check; sampling can only under-read a peak.
+
+RSS includes memory glibc keeps after ``free`` (its dynamic mmap threshold lets 25 MB tensors land in the heap),
+so the peak varies by some 10-40 MB from run to run. To separate that from what the coordinator really holds, the
+child also samples glibc's ``mallinfo2()`` (bytes malloc'd and not freed: every tensor, every frame buffer) every
+millisecond; tracemalloc would not do, as torch allocates outside Python's allocator. ``--mmap-threshold-mib 1``
+pins glibc's threshold in the coordinator, which makes the RSS figures repeat to the tenth of a MiB.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import ctypes.util
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -222,10 +229,10 @@ def job_config(urls: list[str], *, megabytes: float, rounds: int, output: Path) 
     }
 
 
-def run_child(spec: dict[str, Any], *, interval: float, timeout: float) -> dict[str, Any]:
+def run_child(spec: dict[str, Any], *, interval: float, timeout: float, env: dict[str, str]) -> dict[str, Any]:
     process = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
     )
     sampler = Sampler(process.pid, interval)
     sampler.start()
@@ -257,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="coordinator runs (fresh process each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the coordinator")
     parser.add_argument("--interval", type=float, default=0.002, help="psutil sampling interval, seconds")
+    parser.add_argument("--mmap-threshold-mib", type=float, default=0.0,
+                        help="pin glibc's mmap threshold in the coordinator (MALLOC_MMAP_THRESHOLD_); 0: glibc's "
+                             "dynamic default, as a real coordinator runs -- its heap retention then varies by run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -269,9 +279,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("psutil is needed: pip install 'fedlink[bench]' (or pip install psutil)")
     from fedlink.server.localworkers import LocalWorker, start_workers, stop_workers
 
+    # SIGTERM would end us without the finally below, leaving the workers running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     print(f"fedlink coordinator memory benchmark: {args.workers} workers, sized_mlp({args.megabytes:g} MB), "
           f"{args.rounds} rounds x {args.reps} repetitions, {os.cpu_count()} cores")
     print(f"before: {machine_load()}")
+    child_env = dict(os.environ)
+    if args.mmap_threshold_mib > 0:
+        child_env["MALLOC_MMAP_THRESHOLD_"] = str(int(args.mmap_threshold_mib * MiB))
+        print(f"coordinator runs with MALLOC_MMAP_THRESHOLD_={child_env['MALLOC_MMAP_THRESHOLD_']}")
     started: list[LocalWorker] = []
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedlink-bench-") as tmp:
@@ -289,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": args.threads,
                     "heap_interval": args.interval / 2,
                 }
-                result = run_child(spec, interval=args.interval, timeout=600)
+                result = run_child(spec, interval=args.interval, timeout=600, env=child_env)
                 results.append(result)
                 size = result["model_bytes"]
                 print(

@@ -11,12 +11,14 @@ Three ``fl-worker`` processes (``--threads 1``) serve the shards; the coordinato
 From each round of ``metrics.jsonl``:
 
 * ``round_seconds``: dispatch of the training requests until the aggregated model is ready;
-* ``seconds``: the same plus the coordinator's centralized evaluation of the new model;
+* ``wall_seconds``: from the previous round's aggregated model to this one's, the federation's real pace (the
+  coordinator evaluates round r while round r+1 trains, so evaluation counts only where it slows the workers);
+* ``seconds``: ``round_seconds`` plus the coordinator's centralized evaluation of the new model;
 * ``slowest_train_seconds``: the largest ``train_seconds`` a worker reported (build model, load weights, train,
   extract the update -- on the worker, without any transfer).
 
 Overhead share = (round wall - slowest train) / round wall, with round wall = ``round_seconds`` (excluding
-evaluation) or ``seconds`` (including it). The goal is under 10%; the median over the rounds is judged.
+evaluation), ``wall_seconds`` (real pace, evaluation overlapped) or ``seconds`` (evaluation in series). The goal is under 10%; the median over the rounds is judged.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -103,13 +106,15 @@ def share(wall: float, train: float) -> float:
 
 def report(records: list[dict[str, Any]], *, label: str) -> None:
     print(f"\n{label}")
-    print(f"  {'round':>5} {'round_s':>8} {'slowest':>8} {'seconds':>8} {'eval_s':>7}  {'ovh excl eval':>13} "
-          f"{'ovh incl eval':>13}  {'accuracy':>8}")
+    print(f"  {'round':>5} {'round_s':>8} {'wall_s':>8} {'slowest':>8} {'seconds':>8} {'eval_s':>7}  {'ovh excl eval':>13} "
+          f"{'ovh wall':>9} {'ovh incl eval':>13}  {'accuracy':>8}")
     for r in records:
         acc = r.get("accuracy")
         print(
-            f"  {r['round']:>5} {r['round_seconds']:>8.3f} {r['slowest_train_seconds']:>8.3f} {r['seconds']:>8.3f} "
-            f"{r['seconds'] - r['round_seconds']:>7.3f}  {share(r['round_seconds'], r['slowest_train_seconds']):>13.1%} "
+            f"  {r['round']:>5} {r['round_seconds']:>8.3f} {r['wall_seconds']:>8.3f} {r['slowest_train_seconds']:>8.3f} "
+            f"{r['seconds']:>8.3f} {r['seconds'] - r['round_seconds']:>7.3f}  "
+            f"{share(r['round_seconds'], r['slowest_train_seconds']):>13.1%} "
+            f"{share(r['wall_seconds'], r['slowest_train_seconds']):>9.1%} "
             f"{share(r['seconds'], r['slowest_train_seconds']):>13.1%}  {acc if acc is None else f'{acc:.4f}':>8}"
         )
 
@@ -117,10 +122,17 @@ def report(records: list[dict[str, Any]], *, label: str) -> None:
 def summary(records: list[dict[str, Any]], *, label: str) -> None:
     excl = [share(r["round_seconds"], r["slowest_train_seconds"]) for r in records]
     incl = [share(r["seconds"], r["slowest_train_seconds"]) for r in records]
+    # wall_seconds: from one aggregated model to the next, the federation's real pace; the coordinator
+    # evaluates round r while round r+1 trains, so evaluation only counts where it slows the workers.
+    wall = [share(r["wall_seconds"], r["slowest_train_seconds"]) for r in records]
     overhead_s = [r["round_seconds"] - r["slowest_train_seconds"] for r in records]
     eval_s = [r["seconds"] - r["round_seconds"] for r in records]
     print(f"  {label} ({len(records)} rounds):")
-    for name, values in (("excluding evaluation", excl), ("including evaluation", incl)):
+    for name, values in (
+        ("excluding evaluation (round_seconds)", excl),
+        ("wall clock, evaluation overlapped (wall_seconds)", wall),
+        ("including evaluation in series (seconds)", incl),
+    ):
         med = statistics.median(values)
         print(f"    overhead share {name}: median {med:6.1%}  min {min(values):6.1%}  max {max(values):6.1%}"
               f"   {'PASS' if med < GOAL else 'FAIL'} (goal < {GOAL:.0%})")
@@ -143,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
               "see examples/prepare_data.py")
         return 0
     from fedlink.server.localworkers import LocalWorker, start_workers, stop_workers
+    # SIGTERM would end us without the finally below, leaving the workers running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     print(f"fedlink round overhead benchmark: examples/mnist-iid, 3 workers (--threads 1), {os.cpu_count()} cores, "
           f"data from {base}")

@@ -232,7 +232,9 @@ async def _authenticate(
         await channel.send(encode_message(ours))
 
 
-_NOT_PROVED = "authentication failed: your proof does not match this side's token for you"
+_NOT_PROVED = (
+    "authentication failed: your proof does not match this side's token for you; both sides must hold the same token"
+)
 
 
 async def _expect(channel: Channel, kind: type[_A], limits: Limits, who: str) -> _A:

@@ -114,12 +114,16 @@ def _spec(name: str, tensor: torch.Tensor) -> TensorSpec:
     dtype = _NAMES.get(tensor.dtype)
     if dtype is None:
         raise StateMismatch(f"tensor {name!r} has dtype {tensor.dtype}, which fedlink cannot send")
-    return TensorSpec(name=name, dtype=dtype, shape=tuple(tensor.shape))
+    if not name:
+        raise StateMismatch("a tensor with an empty name cannot be sent")
+    # Our own tensors need no validation (the dtype is known, torch shapes are non-negative ints); skipping it
+    # matters for states of many thousand small tensors.
+    return TensorSpec.model_construct(name=name, dtype=dtype, shape=tuple(tensor.shape))
 
 
 def header_of(state: Mapping[str, torch.Tensor]) -> StateHeader:
     """The header describing ``state`` (in its iteration order)."""
-    return StateHeader(tensors=tuple(_spec(name, t) for name, t in state.items()))
+    return StateHeader.model_construct(tensors=tuple(_spec(name, t) for name, t in state.items()))
 
 
 def check_header(header: StateHeader, limits: Limits, *, expected: StateHeader | None = None) -> None:
@@ -266,8 +270,8 @@ class StateAssembler:
 _DOC_VERSION = 1
 
 
-def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
-    """One msgpack document: ``{"v": 1, "tensors": [{"name", "dtype", "shape", "data"}, ...]}``."""
+def encode_state(state: Mapping[str, torch.Tensor]) -> memoryview:
+    """One msgpack document: ``{"v": 1, "tensors": [{"name", "dtype", "shape", "data"}, ...]}`` (bytes-like)."""
     header = header_of(state)
     doc: dict[str, Any] = {
         "v": _DOC_VERSION,
@@ -276,10 +280,14 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
             for spec in header.tensors
         ],
     }
-    return msgpack.packb(doc, use_bin_type=True)
+    # packb would copy the document twice (its growing buffer, then a new bytes); the packer's own buffer is
+    # handed out instead.
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    packer.pack(doc)
+    return packer.getbuffer()
 
 
-def decode_state(data: bytes, limits: Limits | None = None) -> State:
+def decode_state(data: bytes | memoryview, limits: Limits | None = None) -> State:
     """Inverse of :func:`encode_state`; every failure is a :class:`MalformedFrame` or :class:`LimitExceeded`."""
     limits = limits or Limits()
     try:
@@ -308,23 +316,23 @@ def decode_state(data: bytes, limits: Limits | None = None) -> State:
         raise MalformedFrame(f"bad tensor entry in state document: {exc}") from exc
     check_header(header, limits)
     state: State = {}
-    for spec, entry in zip(header.tensors, entries):
-        raw = entry.get("data")
-        if not isinstance(raw, bytes) or len(raw) != spec.nbytes:
-            raise MalformedFrame(f"tensor {spec.name!r}: expected {spec.nbytes} bytes of data")
-        state[spec.name] = _view(raw, spec)
+    with warnings.catch_warnings():
+        # msgpack hands back immutable bytes, and torch warns that it cannot make them writable (see _view).
+        warnings.simplefilter("ignore", UserWarning)
+        for spec, entry in zip(header.tensors, entries):
+            raw = entry.get("data")
+            if not isinstance(raw, bytes) or len(raw) != spec.nbytes:
+                raise MalformedFrame(f"tensor {spec.name!r}: expected {spec.nbytes} bytes of data")
+            state[spec.name] = _view(raw, spec)
     return state
 
 
 def _view(raw: bytes, spec: TensorSpec) -> torch.Tensor:
     """A tensor over ``raw`` itself (no copy); the tensor keeps ``raw`` alive.
 
-    msgpack hands back immutable ``bytes``; torch warns that it cannot make them writable. The decoded state
-    is owned by the caller alone, so writing to it is as safe as writing to any fresh tensor.
+    msgpack hands back immutable ``bytes``; torch warns that it cannot make them writable (the caller silences
+    that). The decoded state is owned by the caller alone, so writing to it is as safe as to any fresh tensor.
     """
     if spec.nbytes == 0:
         return torch.empty(spec.shape, dtype=DTYPES[spec.dtype])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(raw, dtype=torch.uint8)
-    return flat.view(DTYPES[spec.dtype]).reshape(spec.shape)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(DTYPES[spec.dtype]).reshape(spec.shape)

@@ -119,13 +119,26 @@ async def dial(
     except ssl.SSLError as exc:
         raise HandshakeFailed(f"could not connect to {url}: TLS failed ({exc.reason or exc}){_tls_hint(exc)}") from exc
     except (OSError, InvalidHandshake, InvalidURI, WebSocketException) as exc:
-        hint = ""
-        if url.startswith("ws://") and isinstance(exc, (InvalidMessage, ConnectionError, EOFError)):
-            hint = " (if the peer requires TLS, dial wss://)"
-        elif isinstance(exc, InvalidStatus) and exc.response.status_code == 503:
-            hint = " (the peer has as many connections as it accepts; it will be tried again)"
-        raise HandshakeFailed(f"could not connect to {url}: {exc}{hint}") from exc
+        raise HandshakeFailed(f"could not connect to {url}: {str(exc) or type(exc).__name__}{_hint(url, exc)}") from exc
     return WebSocketChannel(connection, peer=url)
+
+
+def _hint(url: str, exc: Exception) -> str:
+    """What a failed opening most likely means, for the failures whose own message does not say."""
+    if isinstance(exc, InvalidStatus) and exc.response.status_code == 503:
+        return " (the peer holds as many connections as it accepts; try again later)"
+    closed = isinstance(exc, (InvalidMessage, ConnectionError, EOFError))
+    if url.startswith("ws://") and closed:
+        return " (if the peer requires TLS, dial wss://)"
+    if url.startswith("wss://") and isinstance(exc, ConnectionError):
+        return " (the connection broke during TLS: is the peer listening without TLS? then dial ws://)"
+    if url.startswith("wss://") and closed:
+        # With TLS 1.3 a listener checks the client certificate after the handshake, so a refusal looks like this.
+        return (
+            " (the peer closed the TLS connection before answering: it may require a client certificate we did not"
+            " present -- config tls.cert and tls.key, fl-worker --tls-cert and --tls-key -- or not trust ours)"
+        )
+    return ""
 
 
 def _tls_hint(exc: ssl.SSLError) -> str:

@@ -97,9 +97,13 @@ def add_scaled(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tens
 
 def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or infinity."""
-    return [
-        name for name, t in state.items() if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
-    ]
+    return [name for name, t in state.items() if (t.is_floating_point() or t.is_complex()) and not _all_finite(t)]
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 18) -> bool:
+    # In slices: isfinite over a whole large tensor would allocate temporaries the size of the model.
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
 
 
 def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:

@@ -84,6 +84,9 @@ class TimeoutsConfig(_Section):
     )
     heartbeat: float = Field(5.0, gt=0, description="seconds between heartbeats; a peer silent 6x as long is dropped")
     reconnect_max: float = Field(10.0, gt=0, description="longest pause between attempts to reach a lost worker")
+    round_retries: int = Field(
+        2, ge=0, description="times a round is tried again when fewer than sampling.min_workers answered"
+    )
 
 
 class ListenConfig(_Section):

@@ -15,14 +15,14 @@ import torch
 from fedlink.factory import ModelAllowList, build_model
 from fedlink.protocol.messages import Hello, TrainingPlan
 from fedlink.protocol.session import SessionOptions
-from fedlink.protocol.tensors import State, header_of
+from fedlink.protocol.tensors import State, StateHeader, header_of
 from fedlink.shards import load_shard
 from fedlink.training import Metrics, evaluate
 
 from . import __version__
 from .config import JobConfig
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .errors import ConfigError
+from .errors import ConfigError, NotEnoughWorkers
 from .output import RunOutput
 from .pool import WorkerPool
 from .progress import Progress
@@ -49,10 +49,14 @@ def select_workers(available: list[RemoteWorker], *, fraction: float, min_worker
     return [w for i, w in enumerate(available) if i in chosen]
 
 
-def initial_state(config: JobConfig) -> tuple[torch.nn.Module, State]:
+def initial_state(config: JobConfig) -> tuple[State, StateHeader]:
+    """The seeded initial global state, and the header of the model's parameters (what gradients cover).
+
+    The module itself is dropped: the coordinator holds the model once, as plain tensors.
+    """
     torch.manual_seed(config.seed)
     model = build_model(config.model.factory, config.model.kwargs, _TRUST_CONFIG)
-    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach() for k, v in model.state_dict().items()}, header_of(dict(model.named_parameters()))
 
 
 class Coordinator:
@@ -86,7 +90,7 @@ class Coordinator:
             max_connections=config.listen.max_connections if config.listen is not None else 1024,
         )
         self.output = RunOutput(config.output)
-        self.model, self.state = initial_state(config)
+        self.state, self._param_header = initial_state(config)
         self.strategy: Strategy = build_strategy(config.strategy.name, config.strategy.params())
         if config.sampling.min_workers < self.strategy.min_updates:
             raise ConfigError(
@@ -98,8 +102,10 @@ class Coordinator:
         self.listen_url: str | None = None
         self.listening = asyncio.Event()
         self._eval_data: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._eval_model: torch.nn.Module | None = None
         if config.evaluation.data is not None:
             self._eval_data = load_shard(config.evaluation.data).to_tensors()
+            self._eval_model = build_model(config.model.factory, config.model.kwargs, _TRUST_CONFIG).to(config.device)
 
     def _hello(self) -> Hello:
         return Hello(
@@ -123,9 +129,9 @@ class Coordinator:
         )
 
     def _evaluate(self, state: State) -> Metrics:
-        self.model.load_state_dict(state)
-        assert self._eval_data is not None
-        return evaluate(self.model, *self._eval_data, batch_size=self.config.evaluation.batch_size, device=self.config.device)
+        assert self._eval_model is not None and self._eval_data is not None
+        self._eval_model.load_state_dict(state)
+        return evaluate(self._eval_model, *self._eval_data, batch_size=self.config.evaluation.batch_size, device=self.config.device)
 
     def _resume(self) -> int:
         """Load the last checkpoint; returns the first round still to run."""
@@ -153,47 +159,28 @@ class Coordinator:
         if not resume:
             self.output.start()
         header = header_of(self.state)
-        update_header = (
-            header_of(dict(self.model.named_parameters())) if config.training.update == "gradients" else header
-        )
+        update_header = self._param_header if config.training.update == "gradients" else header
+        pending: asyncio.Future[None] | None = None
         try:
             await self.pool.start()
             if config.listen is not None:
                 self.listen_url = await self.pool.listen(host=config.listen.host, port=config.listen.port)
                 self.listening.set()
             self.progress.run_started(config.name, config.rounds, [w.url for w in self.workers])
+            last = time.perf_counter()
             for server_round in range(first_round, config.rounds + 1):
-                available = await self.pool.wait_for(
-                    config.sampling.min_workers, timeout=config.timeouts.wait_for_workers
-                )
-                selected = select_workers(
-                    available, fraction=config.sampling.fraction, min_workers=config.sampling.min_workers,
-                    seed=config.seed, server_round=server_round,
-                )
-                loop = asyncio.get_running_loop()
-                report = await run_round(
-                    server_round,
-                    selected,
-                    global_state=self.state,
-                    header=header,
-                    update_header=update_header,
-                    model=config.model,
-                    plan=self._plan(server_round),
-                    strategy=self.strategy,
-                    seed=config.seed,
-                    deadline=loop.time() + config.timeouts.round,
-                    min_workers=config.sampling.min_workers,
-                    observer=self.progress,
-                )
+                report = await self._train_round(server_round, header, update_header)
+                now = time.perf_counter()
+                report.wall_seconds, last = now - last, now
+                if pending is not None:
+                    await pending
                 self.state = report.state
-                record = await self._finish_round(report)
-                self.history.append(record)
-                self.output.write_round(record)
-                save_checkpoint(
-                    self.output.checkpoint_dir,
-                    Checkpoint(server_round, self.state, self.strategy.state_dict(), self.history, config.fingerprint()),
-                )
-                self.progress.round_finished(record)
+                # Round r is evaluated, recorded and checkpointed while round r+1 trains: the held-out evaluation
+                # stays off the federation's critical path. Strategies replace their state tensors rather than
+                # change them, so this snapshot stays round r's.
+                pending = asyncio.ensure_future(self._complete_round(report, self.strategy.state_dict()))
+            if pending is not None:
+                await pending
             self.output.save_model(
                 self.state,
                 {
@@ -205,8 +192,51 @@ class Coordinator:
                 },
             )
         finally:
+            if pending is not None and not pending.done():
+                # A later round failed: the round before it still gets its record and checkpoint.
+                await asyncio.gather(pending, return_exceptions=True)
             await self.pool.close("training finished")
         return self.history
+
+    async def _complete_round(self, report: RoundReport, strategy_state: dict[str, Any]) -> None:
+        record = await self._finish_round(report)
+        self.history.append(record)
+        self.output.write_round(record)
+        save_checkpoint(
+            self.output.checkpoint_dir,
+            Checkpoint(report.server_round, report.state, strategy_state, list(self.history), self.config.fingerprint()),
+        )
+        self.progress.round_finished(record)
+
+    async def _train_round(self, server_round: int, header: StateHeader, update_header: StateHeader) -> RoundReport:
+        """One round, tried again (same seeds, whoever is connected then) when too few workers answered."""
+        config = self.config
+        for attempt in range(config.timeouts.round_retries + 1):
+            available = await self.pool.wait_for(config.sampling.min_workers, timeout=config.timeouts.wait_for_workers)
+            selected = select_workers(
+                available, fraction=config.sampling.fraction, min_workers=config.sampling.min_workers,
+                seed=config.seed, server_round=server_round,
+            )
+            try:
+                return await run_round(
+                    server_round,
+                    selected,
+                    global_state=self.state,
+                    header=header,
+                    update_header=update_header,
+                    model=config.model,
+                    plan=self._plan(server_round),
+                    strategy=self.strategy,
+                    seed=config.seed,
+                    deadline=asyncio.get_running_loop().time() + config.timeouts.round,
+                    min_workers=config.sampling.min_workers,
+                    observer=self.progress,
+                )
+            except NotEnoughWorkers as exc:
+                if attempt == config.timeouts.round_retries:
+                    raise
+                log.warning("%s; trying round %d again (%d of %d)", exc, server_round, attempt + 1, config.timeouts.round_retries)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _finish_round(self, report: RoundReport) -> dict[str, Any]:
         config = self.config
@@ -230,6 +260,7 @@ class Coordinator:
             "train_loss": train_loss,
             "seconds": report.seconds + (time.perf_counter() - started),
             "round_seconds": report.seconds,
+            "wall_seconds": report.wall_seconds,
             "slowest_train_seconds": max((o.train_seconds for o in contributed), default=0.0),
             "dropped": {o.worker: o.reason for o in report.outcomes if o.status != "ok"},
         }

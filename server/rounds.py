@@ -58,15 +58,14 @@ class RoundReport:
     state: State
     outcomes: list[WorkerOutcome]
     seconds: float
+    wall_seconds: float = 0.0  # set by the coordinator: from the previous round's model to this one's
 
     @property
     def contributed(self) -> list[WorkerOutcome]:
         return [o for o in self.outcomes if o.status == "ok"]
 
 
-def check_result(
-    result: TrainResult, *, request: TrainRequest, worker: RemoteWorker, max_samples: int
-) -> None:
+def check_result(result: TrainResult, *, request: TrainRequest, max_samples: int) -> None:
     """Refuse a result that does not answer this request or claims an absurd sample count."""
     if result.round != request.round or result.task_id != request.task_id:
         raise InvalidUpdate(f"answer for round {result.round} task {result.task_id!r}, expected {request.task_id!r}")
@@ -134,7 +133,7 @@ async def run_round(
                     result = inbound.message
                     assert isinstance(result, TrainResult)
                     outcome.train_seconds = result.train_seconds
-                    check_result(result, request=requests[worker.name], worker=worker, max_samples=worker.num_samples)
+                    check_result(result, request=requests[worker.name], max_samples=worker.num_samples)
                     note(worker.name, "uploading")
                     state = await inbound.fetch(expected=update_header)
                 bad = non_finite(state)

@@ -1,11 +1,15 @@
 """The compose demo without Docker: docker-compose.yml, the Dockerfile, the CLIs and docker/coordinator.yaml agree,
 and the compose services' own commands, run as local processes on loopback, train a model.
 
-What is checked statically: every worker URL of the coordinator's config names an ``fl-worker`` service that
-listens on that port on all interfaces; every path a command reads lies in a volume mounted into its service,
-and was written there by the ``data`` service; each worker mounts only its own shard; every command parses with
-the real click CLI (or the script's argparse parser); the image has a writable folder under every volume.
-The last test then runs those same commands: only the listening address, the ports and the volume paths differ.
+What is checked statically: every worker URL of the coordinator's config is a ``wss://`` URL naming an
+``fl-worker`` service that listens on that port on all interfaces; every path a command reads lies in a volume
+mounted into its service, and was written there by the ``data`` service (shards) or the ``certs`` service
+(certificates, keys and tokens); each worker mounts only its own shard and its own credentials, requires a token and
+client certificates, and its certificate names the host the coordinator dials; the coordinator holds each worker's
+token and a client certificate, and no service but ``certs`` sees the CA's key; every command parses with the real
+click CLI (or the script's argparse parser); the image has a writable folder under every volume.
+The last test then runs those same commands: only the listening address, the ports and the volume paths differ, and
+the certificates also name 127.0.0.1 (the address the coordinator dials here).
 """
 
 from __future__ import annotations
@@ -124,6 +128,13 @@ def data_service(services: dict[str, Service]) -> Service:
     return services["data"]
 
 
+@pytest.fixture(scope="module")
+def certs_service(services: dict[str, Service]) -> Service:
+    found = [s for s in services.values() if s.command[:2] == ["fl-coordinator", "certs"]]
+    assert len(found) == 1, "exactly one service runs fl-coordinator certs"
+    return found[0]
+
+
 def _option(args: Sequence[str], name: str) -> str:
     assert args.count(name) == 1, f"{name} must appear exactly once in {list(args)}"
     return args[args.index(name) + 1]
@@ -171,16 +182,20 @@ def worker_params(command: Sequence[str]) -> dict[str, Any]:
         return dict(ctx.params)
 
 
-def coordinator_params(command: Sequence[str]) -> dict[str, Any]:
+def coordinator_params(command: Sequence[str], expected: str = "train") -> dict[str, Any]:
     assert command[0] == "fl-coordinator"
     with coordinator_cli.make_context("fl-coordinator", list(command[1:])) as ctx:
         with warnings.catch_warnings():  # click 8.2 to 8.x keep the subcommand in protected_args; 9 in args
             warnings.simplefilter("ignore", DeprecationWarning)
             rest = [*getattr(ctx, "protected_args", ()), *ctx.args]
         name, sub, sub_args = coordinator_cli.resolve_command(ctx, rest)
-        assert sub is not None and name == "train", f"the coordinator service must run `train`, not {name!r}"
+        assert sub is not None and name == expected, f"expected `fl-coordinator {expected}`, not {name!r}"
         with sub.make_context(name, sub_args, parent=ctx) as sub_ctx:
             return dict(sub_ctx.params)
+
+
+def certs_params(command: Sequence[str]) -> dict[str, Any]:
+    return coordinator_params(command, "certs")
 
 
 def test_every_command_parses_with_the_real_cli(services: dict[str, Service]) -> None:
@@ -191,7 +206,7 @@ def test_every_command_parses_with_the_real_cli(services: dict[str, Service]) ->
             if program == "fl-worker":
                 worker_params(service.command)
             elif program == "fl-coordinator":
-                coordinator_params(service.command)
+                coordinator_params(service.command, service.command[1])
             elif args[:1] == ["docker/make_shards.py"]:
                 assert program == "python"
                 parser.parse_args(args[1:])
@@ -226,7 +241,7 @@ def test_worker_urls_name_listening_worker_services(coordinator: Service, worker
     configured = {}
     for entry in config.workers:
         url = urlsplit(entry.url)
-        assert url.scheme == "ws" and url.hostname and url.port, f"{entry.url}: expected ws://SERVICE:PORT"
+        assert url.scheme == "wss" and url.hostname and url.port, f"{entry.url}: expected wss://SERVICE:PORT"
         assert url.hostname in workers, f"{entry.url}: no fl-worker service is called {url.hostname!r}"
         params = worker_params(workers[url.hostname].command)
         assert params["host"] == "0.0.0.0", f"{url.hostname} must listen on all interfaces to be reachable"
@@ -255,17 +270,76 @@ def test_coordinator_waits_for_healthy_workers(coordinator: Service, workers: di
         )
 
 
-def test_each_worker_mounts_only_its_own_shard(workers: dict[str, Service], coordinator: Service) -> None:
+def _credential_paths(params: dict[str, Any]) -> list[str]:
+    return [str(params[key]) for key in ("token_file", "tls_cert", "tls_key", "tls_ca")]
+
+
+def test_each_worker_mounts_only_its_own_shard_and_credentials(
+    workers: dict[str, Service], coordinator: Service, services: dict[str, Service]
+) -> None:
     owners: dict[str, str] = {}
     for name, service in workers.items():
-        data = str(worker_params(service.command)["data"])
-        mount = service.mount_of(data)
-        assert service.mounts == [mount], f"{name} mounts {service.mounts}; it needs only its shard's volume"
-        assert mount.is_volume and mount.read_only, f"{name}: mount the shard as a read-only named volume"
-        assert mount.source not in owners, f"{name} and {owners.get(mount.source)} share volume {mount.source}"
-        owners[mount.source] = name
+        params = worker_params(service.command)
+        data = service.mount_of(str(params["data"]))
+        secrets = {service.mount_of(path) for path in _credential_paths(params)}
+        assert len(secrets) == 1, f"{name} reads its credentials from one volume, not {secrets}"
+        assert sorted(service.mounts, key=str) == sorted([data, *secrets], key=str), (
+            f"{name} mounts {service.mounts}; it needs only its shard's and its credentials' volumes"
+        )
+        for mount in (data, *secrets):
+            assert mount.is_volume and mount.read_only, f"{name}: mount {mount.target} as a read-only named volume"
+            assert mount.source not in owners, f"{name} and {owners.get(mount.source)} share volume {mount.source}"
+            owners[mount.source] = name
     shared = {m.source for m in coordinator.mounts} & owners.keys()
-    assert not shared, f"the coordinator mounts workers' shards: {shared}"
+    assert not shared, f"the coordinator mounts workers' shards or credentials: {shared}"
+
+
+def test_workers_require_tokens_and_client_certificates(workers: dict[str, Service]) -> None:
+    for name, service in workers.items():
+        params = worker_params(service.command)
+        for key in ("token_file", "tls_cert", "tls_key", "tls_ca"):
+            assert params[key] is not None, f"{name}: no --{key.replace('_', '-')}; the demo must not run open workers"
+
+
+def test_certs_service_writes_every_credential_that_is_read(
+    certs_service: Service, workers: dict[str, Service], coordinator: Service, services: dict[str, Service]
+) -> None:
+    params = certs_params(certs_service.command)
+    out = PurePosixPath(params["out"])
+    assert params["tokens"], "the certs service writes the tokens too"
+    hosts = {machine.folder: machine for machine in params["hosts"]}
+
+    def written(*parts: str) -> tuple[str, PurePosixPath]:
+        mount = certs_service.mount_of(out.joinpath(*parts))
+        assert mount.is_volume and not mount.read_only and mount.target == out / parts[0], (
+            f"certs writes {out.joinpath(*parts)} outside a volume of its own folder"
+        )
+        return mount.source, out.joinpath(*parts).relative_to(mount.target)
+
+    def read(service: Service, path: str | Path) -> tuple[str, PurePosixPath]:
+        mount = service.mount_of(str(path))
+        return mount.source, PurePosixPath(str(path)).relative_to(mount.target)
+
+    config = load_config(_config_source(coordinator))
+    urls = {urlsplit(entry.url).hostname: entry for entry in config.workers}
+    for name, service in workers.items():
+        worker = worker_params(service.command)
+        host = hosts.get(name)
+        assert host is not None, f"certs issues no certificate for {name}, the host the coordinator dials"
+        assert name in host.names and name in urls
+        for key, file in (("tls_cert", "cert.pem"), ("tls_key", "key.pem"), ("tls_ca", "ca.pem"), ("token_file", "token")):
+            assert read(service, worker[key]) == written(host.folder, file), f"{name} --{key} is not certs' {file}"
+        entry = urls[name]
+        assert entry.token_file is not None, f"the coordinator has no token for {name}"
+        assert read(coordinator, entry.token_file) == written("coordinator", "tokens", f"{host.folder}.token")
+        assert service.spec["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    assert config.tls is not None and config.tls.cert is not None and config.tls.key is not None
+    assert config.tls.ca is not None
+    for path, file in ((config.tls.ca, "ca.pem"), (config.tls.cert, "cert.pem"), (config.tls.key, "key.pem")):
+        assert read(coordinator, path) == written("coordinator", file)
+    ca_volume = written("ca", "ca.key")[0]
+    holders = [s.name for s in services.values() if any(m.source == ca_volume for m in s.mounts)]
+    assert holders == [certs_service.name], f"only the certs service may see the CA's key, not {holders}"
 
 
 def test_data_service_writes_every_file_that_is_read(
@@ -351,8 +425,24 @@ def _stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:
             process.stdout.close()
 
 
+def _certs_on_loopback(certs_service: Service, volumes: dict[str, Path], root: Path) -> list[str]:
+    """The certs service's command with --out at ``root`` (its volumes are ``root``'s subfolders, as in the
+    container) and 127.0.0.1 added to every host's names, since here the coordinator dials that address."""
+    params = certs_params(certs_service.command)
+    out = PurePosixPath(params["out"])
+    for mount in certs_service.mounts:
+        assert mount.target.parent == out, f"{mount.target} is not a folder of --out {out}"
+        volumes[mount.source] = root / mount.target.name
+    args: list[str] = []
+    command = certs_service.command[1:]
+    for i, arg in enumerate(command):
+        previous = command[i - 1] if i else ""
+        args.append(str(root) if previous == "--out" else f"{arg},127.0.0.1" if previous == "--host" else arg)
+    return args
+
+
 def test_compose_commands_train_on_loopback(
-    tmp_path: Path, data_service: Service, workers: dict[str, Service], coordinator: Service
+    tmp_path: Path, data_service: Service, workers: dict[str, Service], coordinator: Service, certs_service: Service
 ) -> None:
     volumes = {name: tmp_path / "volumes" / name for s in (data_service, *workers.values(), coordinator)
                for name in (m.source for m in s.mounts if m.is_volume)}
@@ -367,6 +457,11 @@ def test_compose_commands_train_on_loopback(
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
 
+    # certs: the service's own command, writing into this machine's volumes.
+    certs_args = _certs_on_loopback(certs_service, volumes, tmp_path / "volumes" / "certs")
+    done = subprocess.run([str(bin_dir / "fl-coordinator"), *certs_args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
     # workers: the services' argument lists, listening on a free loopback port instead of 0.0.0.0:8777.
     processes: list[subprocess.Popen[bytes]] = []
     started: dict[str, LocalWorker] = {}
@@ -377,7 +472,7 @@ def test_compose_commands_train_on_loopback(
             assert data.is_file(), f"{name}: the data step left no {data}"
             processes.append(
                 spawn_worker(data, host="127.0.0.1", port=0, log_path=logs / f"{name}.log",
-                             extra_args=_without_options(args, {"--data", "--host", "--port"}))
+                             extra_args=_host_command(_without_options(args, {"--data", "--host", "--port"}), service, volumes))
             )
         for name, process in zip(workers, processes):
             started[name] = wait_ready(process, timeout=60)
@@ -385,7 +480,13 @@ def test_compose_commands_train_on_loopback(
         # coordinator: its config with the loopback URLs and this machine's volume paths.
         config_path = _config_path(coordinator)
         raw = yaml.safe_load(_config_source(coordinator).read_text(encoding="utf-8"))
-        raw["workers"] = [started[urlsplit(url).hostname].url for url in raw["workers"]]
+        raw["workers"] = [
+            {**entry, "url": started[urlsplit(entry["url"]).hostname].url,
+             "token_file": str(coordinator.host_path(entry["token_file"], volumes))}
+            for entry in raw["workers"]
+        ]
+        assert all(entry["url"].startswith("wss://127.0.0.1:") for entry in raw["workers"]), raw["workers"]
+        raw["tls"] = {key: str(coordinator.host_path(path, volumes)) for key, path in raw["tls"].items()}
         raw["evaluation"]["data"] = str(coordinator.host_path(raw["evaluation"]["data"], volumes))
         raw["output"] = str(coordinator.host_path(raw["output"], volumes))
         local_config = tmp_path / "config.yaml"

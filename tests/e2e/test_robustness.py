@@ -30,6 +30,7 @@ def _job(urls: list[str], data: Path, out: Path, strategy: dict[str, Any]) -> fl
             "sampling": {"min_workers": 5},
             "training": {"epochs": 1, "batch_size": 32, "optimizer": {"lr": 0.05, "momentum": 0.9}},
             "strategy": strategy,
+            "timeouts": {"round_retries": 0},
             "evaluation": {"data": str(data / "test.npy"), "every": ROUNDS},
             "output": str(out),
         }

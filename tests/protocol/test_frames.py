@@ -17,6 +17,8 @@ from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import (
     PROTOCOL_VERSION,
     AnyMessage,
+    AuthChallenge,
+    AuthProof,
     Bye,
     DatasetInfo,
     Discard,
@@ -65,6 +67,9 @@ SAMPLES: list[Message] = [
         capabilities=("train", "evaluate"),
         dataset=DatasetInfo(num_samples=1000, sample_shape=(1, 28, 28), x_dtype="float32"),
     ),
+    Hello(role="worker", peer_id="w2", auth="hmac-sha256"),
+    AuthChallenge(id=1, nonce="0123456789abcdef" * 4),
+    AuthProof(id=2, mac="f" * 64),
     TrainRequest(round=0, task_id="t", model=ModelSpec(factory="m:f"), plan=TrainingPlan()),
     TrainRequest(id=7, round=5, task_id="r5-w1", model=MODEL, plan=PLAN, state=HEADER),
     TrainResult(round=0, task_id="t", update="weights", num_samples=0),

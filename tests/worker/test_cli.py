@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 
 from fedlink.errors import FedlinkError
 from fedlink.models import mlp
-from fedlink.protocol import Limits, handshake
+from fedlink.protocol import Channel, Limits, handshake
 from fedlink.protocol.messages import Hello, ModelSpec, TrainingPlan, TrainRequest, TrainResult
 from fedlink.protocol.session import Session
 from fedlink.protocol.transport import dial
@@ -59,6 +59,20 @@ def test_corrupt_and_wrong_format_shards_are_refused(tmp_path: Path) -> None:
         assert str(path) in _refused(path)
 
 
+async def _coordinator_session(url: str) -> tuple[Session, Channel]:
+    limits = Limits()
+    channel = await dial(url, limits=limits, timeout=10)
+    peer = await handshake(channel, Hello(role="coordinator", peer_id="c"), limits=limits, timeout=10)
+    session = Session(channel, peer=peer, limits=limits)
+    session.start()
+    return session, channel
+
+
+def _state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return dict(mlp(in_features=64, hidden=16, num_classes=10).state_dict())
+
+
 def test_serves_after_garbage_frames_and_exits_0_on_sigterm(digit_shards: tuple[list[Path], Path]) -> None:
     worker = start_worker(digit_shards[0][0], worker_id="w0")
     try:
@@ -78,13 +92,8 @@ async def _garbage_then_train(url: str) -> None:
         # Whatever the worker answers, it must not be a crash: it sends an error or closes this peer.
         reply = await asyncio.wait_for(raw.recv(), 10)
         assert reply
-    limits = Limits()
-    channel = await dial(url, limits=limits, timeout=10)
-    peer = await handshake(channel, Hello(role="coordinator", peer_id="c"), limits=limits, timeout=10)
-    session = Session(channel, peer=peer, limits=limits)
-    session.start()
-    torch.manual_seed(0)
-    state = dict(mlp(in_features=64, hidden=16, num_classes=10).state_dict())
+    session, channel = await _coordinator_session(url)
+    state = _state()
     for junk in (b"\x01\x93\x01\x02\x03", b"\x09"):
         await channel.send(junk)
     answer = await session.request(TrainRequest(round=1, task_id="t", model=MLP, plan=TrainingPlan()), state=state, timeout=60)
@@ -104,13 +113,8 @@ def test_sigterm_during_training_exits_0_promptly(digit_shards: tuple[list[Path]
 
 
 async def _start_long_job_then_terminate(url: str, process: subprocess.Popen[bytes]) -> None:
-    limits = Limits()
-    channel = await dial(url, limits=limits, timeout=10)
-    peer = await handshake(channel, Hello(role="coordinator", peer_id="c"), limits=limits, timeout=10)
-    session = Session(channel, peer=peer, limits=limits)
-    session.start()
-    torch.manual_seed(0)
-    state = dict(mlp(in_features=64, hidden=16, num_classes=10).state_dict())
+    session, channel = await _coordinator_session(url)
+    state = _state()
     job = TrainRequest(round=1, task_id="t", model=MLP, plan=TrainingPlan(epochs=10_000, batch_size=2))
     pending = asyncio.ensure_future(session.request(job, state=state, timeout=120))
     # Once the weights have left, the worker is training.
