@@ -16,7 +16,7 @@ from fedlink.server.localworkers import LocalWorker, start_worker, start_workers
 
 from .faulty_worker import __file__ as FAULTY_SCRIPT
 
-ROUNDS = 5
+ROUNDS = 8
 
 
 def _job(urls: list[str], data: Path, out: Path, strategy: dict[str, Any]) -> float:
