@@ -29,6 +29,7 @@ from pathlib import Path
 
 import click
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -203,7 +204,7 @@ def _leaf(
     if not force and cert_path.exists() and key_path.exists():
         existing = x509.load_pem_x509_certificate(cert_path.read_bytes())
         report.kept += [cert_path, key_path]
-        if existing.issuer != ca_cert.subject or _names(existing) != set(machine.names):
+        if not _signed_by(existing, ca_cert) or _names(existing) != set(machine.names):
             report.notes.append(f"kept {cert_path}, which does not match the request (other CA or names); --force reissues")
     else:
         key, cert = issue(ca_key, ca_cert, machine, common_name=common_name, days=days)
@@ -211,6 +212,14 @@ def _leaf(
         _write(cert_path, _pem_cert(cert), secret=False, report=report)
     if force or not ca_copy.exists() or ca_copy.read_bytes() != _pem_cert(ca_cert):
         _write(ca_copy, _pem_cert(ca_cert), secret=False, report=report)
+
+
+def _signed_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _names(cert: x509.Certificate) -> set[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def prepare_demo_data(folder: Path, *, workers: int, seed: int) -> tuple[list[Pa
     return shards, test_path
 
 
-def demo_config(urls: list[str], *, test: Path, output: Path, rounds: int, seed: int) -> JobConfig:
+def demo_config(urls: list[str], *, test: Path, output: Path, rounds: int, seed: int, token: Path | None = None) -> JobConfig:
     return parse_config(
         {
             "name": "digits-demo",
@@ -67,6 +68,7 @@ def demo_config(urls: list[str], *, test: Path, output: Path, rounds: int, seed:
             "timeouts": {"round": 120},
             "evaluation": {"data": str(test), "every": 1},
             "output": str(output),
+            **({"auth": {"token_file": str(token)}} if token is not None else {}),
         },
         source="demo",
     )
@@ -75,12 +77,16 @@ def demo_config(urls: list[str], *, test: Path, output: Path, rounds: int, seed:
 def run_demo(folder: Path, *, workers: int = 3, rounds: int = 5, seed: int = 0, progress: Progress | None = None) -> DemoResult:
     """Start the workers, train, and always stop the workers (also on Ctrl-C)."""
     shards, test = prepare_demo_data(folder, workers=workers, seed=seed)
+    # Even on loopback the demo's workers and coordinator prove to each other that they share a secret.
+    token = folder / "token"
+    token.write_text(secrets.token_hex(32) + "\n", encoding="utf-8")
+    token.chmod(0o600)
     started: list[LocalWorker] = []
     try:
-        started = start_workers(shards, extra_args=["--threads", "1"])
+        started = start_workers(shards, extra_args=["--threads", "1", "--token-file", str(token)])
         for worker in started:
             log.info("started worker (pid %d) on %s", worker.pid, worker.url)
-        config = demo_config([w.url for w in started], test=test, output=folder, rounds=rounds, seed=seed)
+        config = demo_config([w.url for w in started], test=test, output=folder, rounds=rounds, seed=seed, token=token)
         with progress or Progress() as shown:
             coordinator = Coordinator(config, progress=shown)
             history = asyncio.run(coordinator.run())
