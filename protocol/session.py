@@ -26,7 +26,6 @@ from .channel import Channel, ChannelClosed
 from .errors import (
     AuthenticationFailed,
     HandshakeFailed,
-    MalformedFrame,
     ProtocolError,
     RemoteError,
     RequestTimeout,

@@ -51,7 +51,8 @@ def test_resume_after_sigkill_is_bit_identical(mnist3: Path, tmp_path: Path) -> 
         killed = _kill_during_round(interrupted, 3)
         assert killed.returncode == -9
         lines = (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
-        assert [json.loads(l)["round"] for l in lines] == [1, 2], "killed in round 3: two rounds were complete"
+        # Round 2 is evaluated and recorded while round 3 trains, so the kill may land before its record.
+        assert [json.loads(l)["round"] for l in lines] in ([1], [1, 2]), lines
         assert not (tmp_path / "interrupted" / "model.safetensors").exists()
         resumed = subprocess.run([*coordinator_command(), "train", str(interrupted), "--resume"], capture_output=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
