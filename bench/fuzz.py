@@ -42,6 +42,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedlink.faults import corrupt
 from fedlink.protocol.auth import Keyring, Secret
 from fedlink.protocol.channel import memory_pair
 from fedlink.protocol.errors import LimitExceeded, MalformedFrame, ProtocolError, VersionMismatch
@@ -116,19 +117,6 @@ _edits = st.lists(
 )
 
 
-def _mutate(data: bytes, edits: list[tuple[int, int, str]]) -> bytes:
-    out = bytearray(data)
-    for position, value, how in edits:
-        at = position % (len(out) + 1)
-        if how == "insert" or at == len(out):
-            out.insert(at, value)
-        elif how == "set":
-            out[at] = value
-        else:
-            del out[at]
-    return bytes(out)
-
-
 def _packed(body: dict[str, Any]) -> bytes:
     try:
         return b"\x01" + msgpack.packb(body, use_bin_type=True)
@@ -139,7 +127,7 @@ def _packed(body: dict[str, Any]) -> bytes:
 #: One frame a hostile peer may send: a valid message, a mutated one, a structured map, or bytes/text.
 _frames = st.one_of(
     _valid_messages().map(encode_message),
-    st.tuples(_valid_messages().map(encode_message), _edits).map(lambda pair: _mutate(*pair)),
+    st.tuples(_valid_messages().map(encode_message), _edits).map(lambda pair: corrupt(*pair)),
     _maps.map(_packed),
     st.binary(max_size=200),
     st.text(max_size=20),
@@ -232,7 +220,7 @@ class _Tamper:
     async def recv(self) -> bytes | str:
         data = await self.inner.recv()
         if self._seen == self._index and self._edits:
-            edited = _mutate(bytes(data), self._edits)
+            edited = corrupt(bytes(data), self._edits)
             self.hello_changed = self._index == 0 and edited != data
             data = edited
         self._seen += 1
@@ -276,7 +264,7 @@ def tampered_target(
 
 def _decode(examples: int) -> Callable[[], None]:
     @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(data=st.one_of(_frames, st.tuples(_frames.filter(lambda f: isinstance(f, bytes)), _edits).map(lambda p: _mutate(*p))))
+    @given(data=st.one_of(_frames, st.tuples(_frames.filter(lambda f: isinstance(f, bytes)), _edits).map(lambda p: corrupt(*p))))
     def run(data: bytes | str) -> None:
         TALLY.note("decode", decode_target(data))
 

@@ -12,9 +12,10 @@ import ipaddress
 import logging
 import socket
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["FaultProxy", "ProxyStats"]
+__all__ = ["FaultProxy", "ProxyStats", "corrupt"]
 
 log = logging.getLogger("fedlink.faults")
 
@@ -146,3 +147,20 @@ class FaultProxy:
                 self.stats.bytes_down += len(data)
             writer.write(data)
             await writer.drain()
+
+
+def corrupt(data: bytes, edits: Iterable[tuple[int, int, str]], *, cut: int | None = None) -> bytes:
+    """``data`` with byte edits applied: ``(position, value, "set" | "insert" | "delete")``, positions wrapping
+    around the current length, then cut at ``cut`` (wrapping too). Fuzzers use it to damage valid frames."""
+    out = bytearray(data)
+    for position, value, how in edits:
+        at = position % (len(out) + 1)
+        if how == "insert" or at == len(out):
+            out.insert(at, value)
+        elif how == "set":
+            out[at] = value
+        else:
+            del out[at]
+    if cut is not None:
+        del out[cut % (len(out) + 1) :]
+    return bytes(out)

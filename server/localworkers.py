@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import CoordinatorError
 
-__all__ = ["LocalWorker", "spawn_worker", "wait_ready", "start_worker", "start_workers", "stop_workers", "worker_command"]
+__all__ = ["LocalWorker", "Spawned", "spawn_worker", "wait_ready", "start_worker", "start_workers", "stop_workers", "worker_command"]
 
 _READY = ("fedlink worker listening on ", "fedlink worker dialling ")
 
@@ -100,7 +100,7 @@ def spawn_worker(
     log_path: Path | None = None,
     env: dict[str, str] | None = None,
     command: Sequence[str] | None = None,
-) -> subprocess.Popen[bytes]:
+) -> Spawned:
     """Start ``fl-worker`` (or ``command``, taking the same options) on ``data`` without waiting.
 
     Pair with :func:`wait_ready`. The log is appended to, so a restarted worker keeps one log.
@@ -110,9 +110,19 @@ def spawn_worker(
     return _popen(command if command is not None else worker_command(), args, log_path, env)
 
 
+@dataclass
+class Spawned:
+    """A worker process started but not yet known to listen; :func:`wait_ready` turns it into a LocalWorker."""
+
+    process: subprocess.Popen[bytes]
+    args: tuple[str, ...]
+    command: tuple[str, ...]
+    log_path: Path
+
+
 def _popen(
     command: Sequence[str], args: Sequence[str], log_path: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
+) -> Spawned:
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             [*command, *args],
@@ -122,16 +132,13 @@ def _popen(
             env={**os.environ, **(env or {})},
             start_new_session=True,  # a Ctrl-C in the terminal reaches only the coordinator, which stops us
         )
-    process.args = list(args)  # type: ignore[misc]
-    process.fedlink_log = log_path  # type: ignore[attr-defined]
-    process.fedlink_command = list(command)  # type: ignore[attr-defined]
-    return process
+    return Spawned(process=process, args=tuple(args), command=tuple(command), log_path=log_path)
 
 
-def wait_ready(process: subprocess.Popen[bytes], *, timeout: float = 60.0) -> LocalWorker:
+def wait_ready(spawned: Spawned, *, timeout: float = 60.0) -> LocalWorker:
     """Wait for the worker's ``listening on URL`` line; raises CoordinatorError with its log if it never comes."""
+    process, log_path = spawned.process, spawned.log_path
     assert process.stdout is not None
-    log_path: Path = process.fedlink_log  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout
     line = b""
     while not line.endswith(b"\n"):
@@ -150,11 +157,8 @@ def wait_ready(process: subprocess.Popen[bytes], *, timeout: float = 60.0) -> Lo
             process.kill()
         process.wait()
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:]) if log_path.exists() else ""
-        raise CoordinatorError(f"worker {' '.join(process.args)} did not start (exit status {process.returncode}):\n{tail}")
-    return LocalWorker(
-        process=process, url=text[len(prefix):], log_path=log_path, args=tuple(process.args),
-        command=tuple(process.fedlink_command),  # type: ignore[attr-defined]
-    )
+        raise CoordinatorError(f"worker {' '.join(spawned.args)} did not start (exit status {process.returncode}):\n{tail}")
+    return LocalWorker(process=process, url=text[len(prefix):], log_path=log_path, args=spawned.args, command=spawned.command)
 
 
 def start_worker(data: Path, *, ready_timeout: float = 60.0, **options: Any) -> LocalWorker:
@@ -164,13 +168,14 @@ def start_worker(data: Path, *, ready_timeout: float = 60.0, **options: Any) -> 
 
 def start_workers(shards: Sequence[Path], *, ready_timeout: float = 60.0, **options: Any) -> list[LocalWorker]:
     """Start one worker per shard, all at once, named ``worker-0``...; on any failure stop those started."""
-    processes = [spawn_worker(shard, worker_id=f"worker-{i}", **options) for i, shard in enumerate(shards)]
+    spawned = [spawn_worker(shard, worker_id=f"worker-{i}", **options) for i, shard in enumerate(shards)]
     started: list[LocalWorker] = []
     try:
-        for process in processes:
-            started.append(wait_ready(process, timeout=ready_timeout))
+        for one in spawned:
+            started.append(wait_ready(one, timeout=ready_timeout))
     except BaseException:
-        for process in processes:
+        for one in spawned:
+            process = one.process
             if process.poll() is None:
                 process.kill()
                 process.wait()

@@ -34,7 +34,7 @@ import yaml
 
 from fedlink.server.cli import main as coordinator_cli
 from fedlink.server.config import load_config
-from fedlink.server.localworkers import LocalWorker, spawn_worker, wait_ready
+from fedlink.server.localworkers import LocalWorker, Spawned, spawn_worker, wait_ready
 from fedlink.worker.cli import main as worker_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -463,7 +463,7 @@ def test_compose_commands_train_on_loopback(
     assert done.returncode == 0, done.stderr
 
     # workers: the services' argument lists, listening on a free loopback port instead of 0.0.0.0:8777.
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: list[Spawned] = []
     started: dict[str, LocalWorker] = {}
     try:
         for name, service in workers.items():
@@ -498,12 +498,12 @@ def test_compose_commands_train_on_loopback(
         run = subprocess.run([str(bin_dir / command[0]), *command[1:]], capture_output=True, text=True, timeout=90)
         assert run.returncode == 0, f"fl-coordinator failed:\n{run.stderr[-4000:]}"
     finally:
-        _stop(processes)
+        _stop([spawned.process for spawned in processes])
 
     records = [json.loads(line) for line in (config.output / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(1, config.rounds + 1))
     assert all(r["workers"] >= config.sampling.min_workers for r in records), records
     assert (config.output / "model.safetensors").stat().st_size > 0
     assert records[-1]["accuracy"] > 0.9, records[-1]
-    for name, process in zip(workers, processes):
-        assert process.returncode == 0, f"{name} did not stop cleanly:\n{started[name].log_tail()}"
+    for name, spawned in zip(workers, processes):
+        assert spawned.process.returncode == 0, f"{name} did not stop cleanly:\n{started[name].log_tail()}"

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedlink.faults import corrupt
 from fedlink.protocol.errors import LimitExceeded, MalformedFrame, ProtocolError, VersionMismatch
 from fedlink.protocol.frames import KIND_CONTROL, KIND_DATA, DataFrame, decode_frame, encode_data, encode_message
 from fedlink.protocol.limits import Limits
@@ -353,21 +354,6 @@ _messages = st.fixed_dictionaries(
 ).flatmap(lambda base: st.dictionaries(_field_names | st.text(max_size=6), _values, max_size=6).map(lambda d: {**d, **base}))
 
 
-def _mutate(data: bytes, edits: list[tuple[int, int, str]], cut: int | None) -> bytes:
-    out = bytearray(data)
-    for position, value, how in edits:
-        at = position % (len(out) + 1)
-        if how == "insert" or at == len(out):
-            out.insert(at, value)
-        elif how == "set":
-            out[at] = value
-        else:
-            del out[at]
-    if cut is not None:
-        del out[cut % (len(out) + 1) :]
-    return bytes(out)
-
-
 def _total(data: object) -> None:
     try:
         frame = decode_frame(data, FUZZ_LIMITS)
@@ -385,7 +371,7 @@ def _fuzz_bytes(data: bytes) -> None:
 
 
 def _fuzz_mutations(frame: bytes, edits: list[tuple[int, int, str]], cut: int | None) -> None:
-    _total(_mutate(frame, edits, cut))
+    _total(corrupt(frame, edits, cut=cut))
 
 
 def _fuzz_structure(body: dict[str, object]) -> None:

@@ -8,6 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedlink.faults import corrupt
 from fedlink.protocol.errors import LimitExceeded, MalformedFrame, StateMismatch, TransferError
 from fedlink.protocol.limits import Limits
 from fedlink.protocol.tensors import (
@@ -465,27 +466,12 @@ def _only_codec_errors(data: bytes) -> None:
         assert isinstance(tensor, torch.Tensor)
 
 
-def _mutate(data: bytes, edits: list[tuple[int, int, str]], cut: int | None) -> bytes:
-    out = bytearray(data)
-    for position, value, how in edits:
-        at = position % (len(out) + 1)
-        if how == "insert" or at == len(out):
-            out.insert(at, value)
-        elif how == "set":
-            out[at] = value
-        else:
-            del out[at]
-    if cut is not None:
-        del out[cut % (len(out) + 1) :]
-    return bytes(out)
-
-
 def _fuzz_bytes(data: bytes) -> None:
     _only_codec_errors(data)
 
 
 def _fuzz_mutations(which: bytes, edits: list[tuple[int, int, str]], cut: int | None) -> None:
-    _only_codec_errors(_mutate(which, edits, cut))
+    _only_codec_errors(corrupt(which, edits, cut=cut))
 
 
 def _fuzz_structure(entries: list[object]) -> None:
