@@ -4,13 +4,19 @@
     python bench/fuzz.py --examples 5000      # a quick look
     python bench/fuzz.py --target tampered    # one target
 
-Three targets, run with hypothesis (generated, then mutated, inputs; failures are shrunk to a minimal example):
+Four targets, run with hypothesis (generated, then mutated, inputs; failures are shrunk to a minimal example):
 
 * ``decode``: :func:`~fedlink.protocol.frames.decode_frame` on the messages the handshake exchanges (hellos with
   and without ``auth``, challenges, proofs, errors): structured maps with wrong and random fields, byte-level
   mutations of valid frames, raw bytes. Must return a message (that encodes again) or raise
   ``MalformedFrame`` / ``VersionMismatch`` / ``LimitExceeded``. (The generic decoder fuzzing of every message
   type lives in ``tests/protocol/test_frames.py``.)
+* ``preauth``: ``decode_frame(..., preauth=True)``, what every frame of a handshake goes through, on frames built
+  around the pre-authentication limits: container bombs (arrays and maps just under and over the bounds, deep
+  nesting, long strings) inside hellos, frames just under and over ``PREAUTH_FRAME_BYTES``, and everything the
+  ``decode`` target sends. Only ``MalformedFrame`` / ``VersionMismatch`` / ``LimitExceeded`` may escape; a frame
+  over the size limit is always ``LimitExceeded``; and the pre-authentication decoder is never looser than the
+  normal one (whatever it accepts decodes identically after authentication).
 * ``scripted``: :func:`~fedlink.protocol.session.handshake` against a peer that sends a generated script of frames
   (well-formed, mutated or garbage), with and without a token on our side, as dialler and as listener. Must
   return the peer's hello or raise a ``ProtocolError`` (``HandshakeFailed``, ``AuthenticationFailed``,
@@ -23,7 +29,7 @@ Three targets, run with hypothesis (generated, then mutated, inputs; failures ar
 
 Prints, per target, the inputs tried and every outcome seen (the peer's hello or the exception's class); exits 1
 if anything else escaped, printing hypothesis's minimal failing example. ``tests/protocol/test_fuzz_handshake.py``
-runs the same targets: about 500 inputs in CI, this full campaign under ``-m slow``.
+runs the same targets: about 650 inputs in CI, this full campaign under ``-m slow``.
 """
 
 from __future__ import annotations
@@ -43,10 +49,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedlink.faults import corrupt
-from fedlink.protocol.auth import Keyring, Secret
+from fedlink.display import PEER_ID_PATTERN
+from fedlink.protocol.auth import Keyring, Secret, new_token
 from fedlink.protocol.channel import memory_pair
 from fedlink.protocol.errors import LimitExceeded, MalformedFrame, ProtocolError, VersionMismatch
-from fedlink.protocol.frames import decode_frame, encode_message
+from fedlink.protocol.frames import PREAUTH_FRAME_BYTES, decode_frame, encode_message
 from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import AuthChallenge, AuthProof, ErrorMessage, Heartbeat, Hello, Message
 from fedlink.protocol.session import handshake
@@ -54,8 +61,8 @@ from fedlink.protocol.session import handshake
 __all__ = ["TARGETS", "WEIGHTS", "Tally", "TALLY", "build", "main"]
 
 LIMITS = Limits(max_frame_bytes=64 * 1024)
-TOKEN = b"fuzzing-token-0123456789abcdef"
-OTHER_TOKEN = b"another-token-0123456789abcdef"
+TOKEN = new_token().encode()  # fresh strong tokens: weak ones are refused (see fedlink.protocol.auth)
+OTHER_TOKEN = new_token().encode()
 RINGS = {
     "none": None,
     "token": Keyring(shared=Secret.from_token(TOKEN, origin="fuzz token")),
@@ -95,9 +102,9 @@ def _valid_messages() -> st.SearchStrategy[Message]:
     hello = st.builds(
         Hello,
         role=st.sampled_from(["worker", "coordinator"]),
-        peer_id=st.text(min_size=1, max_size=20),
+        peer_id=st.from_regex(PEER_ID_PATTERN, fullmatch=True),
         auth=st.sampled_from([None, "hmac-sha256"]),
-        heartbeat=st.floats(0.01, 3600),
+        heartbeat=st.floats(0.5, 3600),
     )
     challenge = st.builds(AuthChallenge, nonce=_hex32, id=st.integers(0, 2**63 - 1))
     proof = st.builds(AuthProof, mac=_hex32, id=st.integers(0, 2**63 - 1))
@@ -124,9 +131,31 @@ def _packed(body: dict[str, Any]) -> bytes:
         return b"\x01\xc1"
 
 
+def _bomb(depth: int, width: int, kind: str) -> Any:
+    """``width`` empty containers in one, nested ``depth`` deep one inside the other: wide or deep, never both (a
+    wide tree of references would pack exponentially)."""
+    inner: Any = [[]] * width if kind == "array" else {f"k{i}": {} for i in range(width)}
+    for _ in range(depth):
+        inner = [inner] if kind == "array" else {"k": inner}
+    return inner
+
+
+#: Hellos carrying containers around the pre-authentication bounds, and frames around its size limit.
+_bombs = st.one_of(
+    st.tuples(st.integers(0, 300), st.integers(0, 130), st.sampled_from(["array", "map"]), _fields | _text).map(
+        lambda t: _packed({"v": 1, "type": "hello", "role": "worker", "peer_id": "w", t[3]: _bomb(t[0], t[1], t[2])})
+    ),
+    st.integers(PREAUTH_FRAME_BYTES - 64, PREAUTH_FRAME_BYTES + 64).map(
+        lambda n: _packed({"v": 1, "type": "hello", "role": "worker", "peer_id": "w", "software": "s" * n})[: n + 1]
+    ),
+    st.integers(0, 20_000).map(lambda n: _packed({"v": 1, "type": "error", "code": "x", "message": "m" * n})),
+    st.integers(0, 5000).map(lambda n: b"\x01" + b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n),  # array32 of n []
+)
+
 #: One frame a hostile peer may send: a valid message, a mutated one, a structured map, or bytes/text.
 _frames = st.one_of(
     _valid_messages().map(encode_message),
+    _bombs,
     st.tuples(_valid_messages().map(encode_message), _edits).map(lambda pair: corrupt(*pair)),
     _maps.map(_packed),
     st.binary(max_size=200),
@@ -262,6 +291,27 @@ def tampered_target(
     return " / ".join("ok" if isinstance(g, Hello) else type(g).__name__ for g in (got_c, got_w))
 
 
+def preauth_target(data: bytes | str) -> str:
+    try:
+        frame = decode_frame(data, LIMITS, preauth=True)
+    except DECODE_ERRORS as exc:
+        size = len(data) if not isinstance(data, str) else 0
+        assert size <= PREAUTH_FRAME_BYTES or isinstance(exc, LimitExceeded), (size, exc)
+        return type(exc).__name__
+    assert not isinstance(data, str) and len(data) <= PREAUTH_FRAME_BYTES
+    assert decode_frame(data, LIMITS) == frame, "pre-authentication decoding is never looser than the normal one"
+    return f"decoded {getattr(frame, 'type', 'data')}"
+
+
+def _preauth(examples: int) -> Callable[[], None]:
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(data=st.one_of(_bombs, st.tuples(_bombs, _edits).map(lambda p: corrupt(*p)), _frames))
+    def run(data: bytes | str) -> None:
+        TALLY.note("preauth", preauth_target(data))
+
+    return run
+
+
 def _decode(examples: int) -> Callable[[], None]:
     @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(data=st.one_of(_frames, st.tuples(_frames.filter(lambda f: isinstance(f, bytes)), _edits).map(lambda p: corrupt(*p))))
@@ -298,9 +348,11 @@ def _tampered(examples: int) -> Callable[[], None]:
     return run
 
 
-TARGETS: dict[str, Callable[[int], Callable[[], None]]] = {"decode": _decode, "scripted": _scripted, "tampered": _tampered}
+TARGETS: dict[str, Callable[[int], Callable[[], None]]] = {
+    "decode": _decode, "preauth": _preauth, "scripted": _scripted, "tampered": _tampered,
+}
 #: Shares of a campaign's inputs: the handshakes get most, being the new and stateful part.
-WEIGHTS = {"decode": 0.3, "scripted": 0.45, "tampered": 0.25}
+WEIGHTS = {"decode": 0.2, "preauth": 0.2, "scripted": 0.38, "tampered": 0.22}
 
 
 def build(target: str, examples: int) -> Callable[[], None]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 
-__all__ = ["Backoff"]
+__all__ = ["Backoff", "keep_connected"]
 
 
 class Backoff:
@@ -22,3 +24,31 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+async def keep_connected(
+    serve_once: Callable[[], Awaitable[bool]],
+    *,
+    stop: asyncio.Event,
+    backoff: Backoff,
+    on_retry: Callable[[float], None] | None = None,
+) -> None:
+    """Connect, serve until the connection ends, and start again with backoff, until ``stop`` is set.
+
+    The one reconnect loop of fedlink: a coordinator keeping a worker connected and a worker dialling out to a
+    coordinator both run it. ``serve_once`` returns after its connection ended (or failed to open); it returns
+    True when it did connect, which resets the backoff. ``on_retry`` hears each pause before it starts.
+    """
+    while not stop.is_set():
+        if await serve_once():
+            backoff.reset()
+        if stop.is_set():
+            return
+        delay = backoff.next_delay()
+        if on_retry is not None:
+            on_retry(delay)
+        try:
+            async with asyncio.timeout(delay):
+                await stop.wait()
+        except TimeoutError:
+            pass

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ModelError, ModelNotAllowed
+from .errors import FedlinkError, ModelError, ModelNotAllowed
 
 __all__ = ["DEFAULT_PATTERNS", "FACTORY_RE", "ModelAllowList", "build_model", "parse_factory"]
 
@@ -130,6 +130,8 @@ def build_model(factory: str, kwargs: Mapping[str, Any], allow: ModelAllowList) 
         raise ModelError(f"{where}: {attr!r} is a {type(make).__name__}, not a callable")
     try:
         model = make(**arguments)
+    except FedlinkError:  # a limit of ours stopped the build (a worker's --max-state-mb): keep its own code
+        raise
     except Exception as exc:  # the factory is user code; TypeError (bad kwargs) is only the most common failure
         raise ModelError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):

@@ -34,16 +34,22 @@ class FaultProxy:
     """Forward ``127.0.0.1:<port>`` to ``target``; faults can be changed while it runs.
 
     ``latency``: seconds added to every chunk in each direction; ``bandwidth``: bytes per second per direction;
+    ``upload_bandwidth``: bytes per second from the worker back to the coordinator only (a worker that drips its
+    answers while it receives at full speed);
     :meth:`cut_after` arms a one-shot cut of the connection once that many more bytes have passed, which lands
     in the middle of a model transfer when the count is smaller than the model.
     """
 
-    def __init__(self, target_host: str, target_port: int, *, latency: float = 0.0, bandwidth: float | None = None) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, *, latency: float = 0.0, bandwidth: float | None = None,
+        upload_bandwidth: float | None = None,
+    ) -> None:
         if not ipaddress.ip_address(socket.gethostbyname(target_host)).is_loopback:
             raise ValueError(f"FaultProxy forwards to loopback addresses only, not {target_host}")
         self.target = (target_host, target_port)
         self.latency = latency
         self.bandwidth = bandwidth
+        self.upload_bandwidth = upload_bandwidth
         self.stats = ProxyStats()
         self._cut_budget: int | None = None
         self._loop = asyncio.new_event_loop()
@@ -131,6 +137,10 @@ class FaultProxy:
                 await asyncio.sleep(self.latency)
             if self.bandwidth:
                 await asyncio.sleep(len(data) / self.bandwidth)
+            if self.upload_bandwidth and direction == "down":
+                # In small slices: a drip, not one long pause followed by a burst.
+                for start in range(0, len(data), 4096):
+                    await asyncio.sleep(len(data[start : start + 4096]) / self.upload_bandwidth)
             if self._cut_budget is not None:
                 self._cut_budget -= len(data)
                 if self._cut_budget <= 0:

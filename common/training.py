@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import FedlinkError
+from .hooks import TrainingHook
 
 __all__ = [
     "TrainingCancelled",
@@ -93,21 +94,48 @@ def train_local(
     batch_size: int,
     optimizer: torch.optim.Optimizer,
     seed: int,
-    grad_clip: float | None = None,
-    proximal_mu: float = 0.0,
+    hooks: Sequence[TrainingHook] = (),
     max_steps: int | None = None,
     device: torch.device | str = "cpu",
     stop: threading.Event | None = None,
 ) -> Metrics:
     """Train ``model`` in place with cross-entropy; returns loss and accuracy over the last epoch.
 
-    ``proximal_mu`` adds FedProx's ``mu/2 * ||w - w_start||^2`` (Li et al. 2020), ``w_start`` being the weights
-    the model had on entry. Shuffling and dropout are seeded from ``seed`` so a request repeats exactly.
+    ``hooks`` (see :mod:`.hooks`) shape the objective, act before each optimizer step and see the model at the
+    end, in order. Shuffling comes from a generator seeded with ``seed``; layers that draw from torch's global
+    generator (dropout) get it seeded with ``seed`` inside a fork of the RNG state, so the caller's global state is
+    untouched and several virtual workers in one process each repeat exactly.
     """
     device = torch.device(device)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        for hook in hooks:
+            hook.setup(model)
+        metrics = _train_epochs(
+            model, x, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, generator=generator,
+            hooks=hooks, max_steps=max_steps, device=device, stop=stop,
+        )
+        for hook in hooks:
+            hook.finish(model)
+    return metrics
+
+
+def _train_epochs(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    hooks: Sequence[TrainingHook],
+    max_steps: int | None,
+    device: torch.device,
+    stop: threading.Event | None,
+) -> Metrics:
     model.train()
     steps = 0
     loss_sum, correct, seen = 0.0, 0, 0
@@ -120,12 +148,11 @@ def train_local(
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
             objective = loss
-            if proximal_mu > 0:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                objective = loss + (proximal_mu / 2) * prox
-            objective.backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            for hook in hooks:
+                objective = hook.objective(model, objective)
+            objective.backward()  # type: ignore[no-untyped-call]
+            for hook in hooks:
+                hook.before_step(model)
             optimizer.step()
             value = loss.item()
             if not math.isfinite(value):
@@ -159,7 +186,7 @@ def average_gradients(
         xb, yb = x[index].to(device), y[index].to(device)
         logits = model(xb)
         loss = F.cross_entropy(logits, yb, reduction="sum")
-        (loss / n).backward()
+        (loss / n).backward()  # type: ignore[no-untyped-call]
         loss_sum += loss.item()
         correct += int((logits.argmax(dim=1) == yb).sum())
     grads = {

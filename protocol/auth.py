@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import stat
@@ -50,6 +51,7 @@ from .errors import CredentialsError
 __all__ = [
     "TOKEN_ENV",
     "MIN_TOKEN_BYTES",
+    "MIN_TOKEN_BITS",
     "MAX_TOKEN_BYTES",
     "NONCE_BYTES",
     "ADVICE",
@@ -63,6 +65,7 @@ __all__ = [
     "secret_from_file",
     "secret_from_env",
     "new_token",
+    "token_weakness",
 ]
 
 log = logging.getLogger("fedlink.protocol.auth")
@@ -71,8 +74,14 @@ Role = Literal["worker", "coordinator"]
 
 #: The environment variable ``fl-worker`` reads its token from when no ``--token-file`` is given.
 TOKEN_ENV = "FEDLINK_TOKEN"
-#: A shorter token is refused: 16 random bytes are the least that resists guessing offline from a recorded proof.
-MIN_TOKEN_BYTES = 16
+#: A shorter token is refused (see :func:`token_weakness` for the whole rule).
+MIN_TOKEN_BYTES = 32
+#: The least estimated strength of a token, in bits: what resists guessing offline from a recorded proof.
+MIN_TOKEN_BITS = 128
+#: The least Shannon entropy of a token's own characters, in bits per character: repeated letters and short
+#: repeated patterns fall below it, while random hex (about 3.5) and base64 (about 5) are far above.
+_MIN_SPREAD_BITS = 2.5
+_GOOD_TOKEN = "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
 #: A token file is read up to this size, so that pointing at a large file by mistake fails fast.
 MAX_TOKEN_BYTES = 4096
 NONCE_BYTES = 32
@@ -103,11 +112,9 @@ class Secret:
     def from_token(cls, token: bytes, *, origin: str) -> "Secret":
         """Strip surrounding whitespace (a trailing newline from ``echo`` must not matter), check, derive."""
         token = token.strip()
-        if len(token) < MIN_TOKEN_BYTES:
-            raise CredentialsError(
-                f"the token from {origin} is {len(token)} bytes long; use at least {MIN_TOKEN_BYTES} random bytes, "
-                "e.g. the output of `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
-            )
+        weakness = token_weakness(token)
+        if weakness is not None:
+            raise CredentialsError(f"the token from {origin} is too weak: {weakness}; use e.g. the output of {_GOOD_TOKEN}")
         return cls(derive_key(token), origin)
 
 
@@ -128,6 +135,51 @@ class Keyring:
 
     def for_peer(self, peer_id: str) -> Secret | None:
         return self.per_peer.get(peer_id, self.shared)
+
+
+def token_weakness(token: bytes) -> str | None:
+    """Why ``token`` (surrounding whitespace already stripped) is too weak to use, or None when it is not.
+
+    The rule, an estimate (a token's real strength is how it was made, which cannot be seen):
+
+    1. at least :data:`MIN_TOKEN_BYTES` (32) bytes;
+    2. at least :data:`MIN_TOKEN_BITS` (128) bits by the alphabet estimate: length x log2(size of the character
+       classes it uses: 10 digits, 26 lowercase, 26 uppercase, 33 other ASCII, 128 for any non-ASCII byte);
+    3. at least 2.5 bits per character of Shannon entropy over its own character frequencies (refuses one letter
+       repeated, ``abab...``, and mostly-one-letter tokens);
+    4. not mostly a run of consecutive characters (``abcdef...``, ``0123...``), and no 8 characters in a row that
+       appear twice (a short pattern repeated).
+
+    Tokens from ``secrets.token_urlsafe(32)`` (43 characters), ``secrets.token_hex(16)`` or ``openssl rand -hex
+    16`` and longer pass; a random token fails rules 3-4 with a probability far below one in a million.
+    """
+    if len(token) < MIN_TOKEN_BYTES:
+        return f"{len(token)} bytes long, at least {MIN_TOKEN_BYTES} random ones are needed"
+    pool = 0
+    for present, size in (
+        (any(48 <= b <= 57 for b in token), 10),
+        (any(97 <= b <= 122 for b in token), 26),
+        (any(65 <= b <= 90 for b in token), 26),
+        (any(b < 128 and not (48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122) for b in token), 33),
+        (any(b >= 128 for b in token), 128),
+    ):
+        pool += size if present else 0
+    if len(token) * math.log2(max(pool, 2)) < MIN_TOKEN_BITS:
+        return f"its {len(token)} characters from an alphabet of {pool} give less than {MIN_TOKEN_BITS} bits"
+    counts = [token.count(b) for b in set(token)]
+    spread = 0.0 - sum(c / len(token) * math.log2(c / len(token)) for c in counts)
+    if spread < _MIN_SPREAD_BITS:
+        return f"its characters repeat too much ({spread:.1f} bits of entropy per character, at least {_MIN_SPREAD_BITS:g})"
+    steps = sum(1 for a, b in zip(token, token[1:]) if b - a in (1, -1))
+    if steps * 2 > len(token):
+        return "it is mostly a run of consecutive characters"
+    seen: set[bytes] = set()
+    for start in range(len(token) - 7):
+        piece = token[start : start + 8]
+        if piece in seen:
+            return "it repeats a pattern"
+        seen.add(piece)
+    return None
 
 
 def derive_key(token: bytes) -> bytes:
@@ -171,9 +223,10 @@ def check_proof(secret: Secret, prover: Role, transcript_bytes: bytes, mac: byte
 
 
 def secret_from_file(path: Path) -> Secret:
-    """Read a token file (at most :data:`MAX_TOKEN_BYTES`); warns when others may read it.
+    """Read a token file (at most :data:`MAX_TOKEN_BYTES`).
 
-    Raises :class:`CredentialsError` naming the file when it is missing, unreadable, empty or too short.
+    Raises :class:`CredentialsError` naming the file when it is missing, unreadable, weak, or open to other users
+    (any group or other permission bit: others could read it, or replace it), with the ``chmod`` to run.
     """
     try:
         with open(path, "rb") as file:
@@ -185,8 +238,11 @@ def secret_from_file(path: Path) -> Secret:
         raise CredentialsError(f"token file {path} is not a regular file")
     if len(token) > MAX_TOKEN_BYTES:
         raise CredentialsError(f"token file {path} is larger than {MAX_TOKEN_BYTES} bytes; is it the right file?")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("token file %s may be read by other users (mode %o); run `chmod 600 %s`", path, mode & 0o777, path)
+    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CredentialsError(
+            f"token file {path} is open to other users (mode {mode & 0o777:o}): they could read or replace it; "
+            f"run `chmod 600 {path}`"
+        )
     return Secret.from_token(token, origin=f"token file {path}")
 
 

@@ -7,11 +7,11 @@ process, for tests and simulations without sockets.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import SessionClosed
 
-__all__ = ["Channel", "ChannelClosed", "memory_pair", "MemoryChannel"]
+__all__ = ["Channel", "ChannelClosed", "PreauthLimited", "memory_pair", "MemoryChannel"]
 
 
 class ChannelClosed(SessionClosed):
@@ -31,6 +31,15 @@ class Channel(Protocol):
         """Close; idempotent."""
 
 
+@runtime_checkable
+class PreauthLimited(Protocol):
+    """A channel that starts with the small limits of a stranger (frame size, write buffer) until told that the
+    peer authenticated; :func:`~.session.handshake` tells it at the one moment no larger frame can be in flight."""
+
+    def lift_preauth_limits(self) -> None:
+        """Raise the limits to the session's; idempotent."""
+
+
 class MemoryChannel:
     """One end of an in-process channel; the bounded queues give the backpressure a socket would.
 
@@ -45,8 +54,9 @@ class MemoryChannel:
 
     async def _until_closed(self, operation: "asyncio.Future[object] | asyncio.Task[object]") -> object:
         closer = asyncio.ensure_future(self._closed.wait())
+        waiters: set[asyncio.Future[Any]] = {operation, closer}
         try:
-            done, _ = await asyncio.wait({operation, closer}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closer.cancel()
         if operation in done:

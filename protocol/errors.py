@@ -20,6 +20,7 @@ Lower-level errors (msgpack, pydantic, websockets) are chained with ``from exc``
 
 from __future__ import annotations
 
+from fedlink.display import safe
 from fedlink.errors import FedlinkError
 
 __all__ = [
@@ -94,11 +95,12 @@ class RemoteError(ProtocolError):
     """The peer refused or failed a request; ``code`` is its machine-readable reason (e.g. ``busy``)."""
 
     def __init__(self, code: str, message: str, *, peer: str = "") -> None:
-        self.code = code
-        self.remote_message = message
+        # The peer's words are data: escaped here, so that whoever logs or shows this error shows them safely.
+        self.code = safe(code, limit=64)
+        self.remote_message = safe(message, limit=4096)
         self.peer = peer
         where = f" from {peer}" if peer else ""
-        super().__init__(f"{code}{where}: {message}")
+        super().__init__(f"{self.code}{where}: {self.remote_message}")
 
 
 class SessionClosed(ProtocolError):

@@ -2,6 +2,7 @@
 
 Model states travel as many small frames (see :mod:`fedlink.protocol.tensors`), so the per-frame limit can stay
 small even for multi-gigabyte models, while the per-state limits bound what a peer can make us allocate.
+``max_connections_per_address`` bounds what one address can make a listener hold (see :mod:`.transport`).
 """
 
 from __future__ import annotations
@@ -26,3 +27,15 @@ class Limits(BaseModel):
     max_tensor_elements: int = Field(1 << 34, ge=1, description="most elements in one tensor")
     max_name_chars: int = Field(1024, ge=1)
     max_dims: int = Field(16, ge=1)
+    max_connections_per_address: int | None = Field(
+        None, ge=1, description="most connections a listener holds from one address (None: only max_connections)"
+    )
+    concurrent_uploads: int = Field(
+        4, ge=1, le=1024,
+        description="coordinator: most worker updates being received or waiting for their turn in the fold at once",
+    )
+    max_update_norm: float = Field(
+        1e9, gt=0, allow_inf_nan=False,
+        description="coordinator: an update whose floating-point tensors have a larger L2 norm is refused "
+        "(weights, delta or gradients as sent); 1e9 is far above any honest model and far below float32's 3.4e38",
+    )

@@ -20,9 +20,10 @@ from typing import NoReturn, TypeVar
 
 import torch
 
+from ..display import safe
 from ..errors import FedlinkError
-from .auth import ADVICE, Keyring, check_proof, make_proof, new_nonce, transcript
-from .channel import Channel, ChannelClosed
+from .auth import ADVICE, Keyring, Secret, check_proof, make_proof, new_nonce, transcript
+from .channel import Channel, ChannelClosed, PreauthLimited
 from .errors import (
     AuthenticationFailed,
     HandshakeFailed,
@@ -48,14 +49,35 @@ _A = TypeVar("_A", AuthChallenge, AuthProof)
 
 @dataclass(frozen=True)
 class SessionOptions:
-    """Timing of a session; the defaults suit both loopback and slow wide-area links."""
+    """Timing and bounds of a session; the defaults suit both loopback and slow wide-area links.
+
+    ``outbound_ttl`` (at most an hour) and ``max_outbound`` bound what a peer that never pulls can make us hold:
+    at most ``max_outbound`` announced results (states not announced by our own requests) per session, the oldest
+    dropped (with a warning) for a new one.
+    """
 
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 30.0
     inbound_slots: int = 1
     outbound_ttl: float = 3600.0
+    max_outbound: int = 4
     max_malformed: int = 32
     close_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        bounds: dict[str, tuple[float, float]] = {
+            "heartbeat_interval": (0.0, 3600.0),  # 0: send none
+            "heartbeat_timeout": (0.001, 86400.0),
+            "inbound_slots": (1, 64),
+            "outbound_ttl": (0.001, 3600.0),
+            "max_outbound": (1, 64),
+            "max_malformed": (0, 10_000),
+            "close_timeout": (0.001, 60.0),
+        }
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if not low <= value <= high:  # also refuses NaN
+                raise ValueError(f"SessionOptions.{name} = {value!r}: expected {low:g} to {high:g}")
 
 
 @dataclass(eq=False)
@@ -86,6 +108,7 @@ class _Outbound:
     state: Mapping[str, torch.Tensor]
     header: StateHeader
     expiry: asyncio.TimerHandle | None = None
+    result: bool = True  # not announced by one of our requests (those end with the request's own deadline)
 
 
 @dataclass
@@ -126,6 +149,10 @@ async def handshake(
     """
     if keyring:
         hello = hello.model_copy(update={"auth": AUTH_SCHEME})
+    else:
+        # Nothing to authenticate: a stranger can open a session anyway, so small frames would protect nothing.
+        # Lifted before our hello, so that no frame the peer sends after reading it can meet the small limits.
+        _lift(channel)
     mine = encode_message(hello)
     stage = "hello"
     try:
@@ -136,6 +163,7 @@ async def handshake(
             if not keyring and peer.auth is None:
                 return peer
             stage = "authentication"
+            assert not isinstance(theirs, str)  # a text frame is no hello: _check_hello refused it
             await _authenticate(
                 channel, hello, mine, peer, bytes(theirs), limits=limits, keyring=keyring, initiator=initiator
             )
@@ -143,12 +171,17 @@ async def handshake(
     except TimeoutError as exc:
         raise HandshakeFailed(f"no {stage} from {channel.peer} within {timeout:g}s") from exc
     except ChannelClosed as exc:
-        raise HandshakeFailed(f"{channel.peer} closed the connection during the handshake") from exc
+        raise HandshakeFailed(f"the connection with {channel.peer} closed during the handshake ({exc})") from exc
+
+
+def _lift(channel: Channel) -> None:
+    if isinstance(channel, PreauthLimited):
+        channel.lift_preauth_limits()
 
 
 async def _check_hello(channel: Channel, hello: Hello, data: bytes | str, limits: Limits) -> Hello:
     try:
-        frame = decode_frame(data, limits)
+        frame = decode_frame(data, limits, preauth=True)
     except ProtocolError as exc:
         await _tell(channel, ErrorMessage(code=exc.code, message=str(exc)))
         if isinstance(exc, VersionMismatch):
@@ -200,12 +233,11 @@ async def _authenticate(
             told=f"this {hello.role} requires a token and you have none: {ADVICE[peer.role]}",
         )
     secret = keyring.for_peer(peer.peer_id)
+    unknown = secret is None
     if secret is None:
-        # Tell the peer no more than for a wrong token: which ids have tokens is nobody else's business.
-        await _refuse(
-            channel, f"no token for {who}{': ' + keyring.missing if keyring.missing else ''}", told=_NOT_PROVED
-        )
-    assert secret is not None
+        # An id without a token goes through the very same exchange as a known one, with a key nobody holds, and
+        # fails at the same step with the same words: which ids have tokens is nobody else's business.
+        secret = Secret(new_nonce(), origin="no token (unknown id)")
     nonce = new_nonce()
     await channel.send(encode_message(AuthChallenge(nonce=nonce.hex())))
     challenge = await _expect(channel, AuthChallenge, limits, who)
@@ -218,16 +250,22 @@ async def _authenticate(
         text = transcript(coordinator_hello=theirs, worker_hello=mine, coordinator_nonce=peer_nonce, worker_nonce=nonce)
     ours = AuthProof(mac=make_proof(secret, hello.role, text).hex())
     if initiator:
+        # The listener's proof is the last frame it sends before the session: lifted now, no later frame of the
+        # listener can meet the small limits. (It is still decoded with the pre-authentication bounds.)
+        _lift(channel)
         await channel.send(encode_message(ours))
     proof = await _expect(channel, AuthProof, limits, who)
-    if not check_proof(secret, peer.role, text, bytes.fromhex(proof.mac)):
+    if not check_proof(secret, peer.role, text, bytes.fromhex(proof.mac)) or unknown:
         await _refuse(
             channel,
+            f"no token for {who}{': ' + keyring.missing if keyring.missing else ''}" if unknown else
             f"{who} did not prove that it holds the token from {secret.origin} (a different token, or a replayed "
             "or altered handshake); give both sides the same token",
             told=_NOT_PROVED,
         )
     if not initiator:
+        # The dialler proved itself: its next frames (a request, a state header) may be large.
+        _lift(channel)
         await channel.send(encode_message(ours))
 
 
@@ -240,13 +278,13 @@ async def _expect(channel: Channel, kind: type[_A], limits: Limits, who: str) ->
     """The next frame, which must be a ``kind``; the peer's own refusal becomes our error with its words."""
     data = await channel.recv()
     try:
-        frame = decode_frame(data, limits)
+        frame = decode_frame(data, limits, preauth=True)
     except ProtocolError as exc:
         await _tell(channel, ErrorMessage(code=exc.code, message=str(exc)))
         raise HandshakeFailed(f"bad {kind.__name__} from {who}: {exc}") from exc
     if isinstance(frame, ErrorMessage):
         if frame.code == AuthenticationFailed.code:
-            raise AuthenticationFailed(f"{who} refused us: {frame.message}")
+            raise AuthenticationFailed(f"{who} refused us: {safe(frame.message)}")
         raise RemoteError(frame.code, frame.message, peer=channel.peer)
     if not isinstance(frame, kind):
         problem = f"expected {kind.__name__} from {who}, got {getattr(frame, 'type', 'data')!r}"
@@ -256,6 +294,8 @@ async def _expect(channel: Channel, kind: type[_A], limits: Limits, who: str) ->
 
 
 async def _tell(channel: Channel, message: ErrorMessage) -> None:
+    if len(message.message) > 1024:  # fits the peer's pre-authentication frame limit
+        message = message.model_copy(update={"message": message.message[:1024]})
     try:
         async with asyncio.timeout(1.0):
             await channel.send(encode_message(message))
@@ -391,7 +431,10 @@ class Session:
         if state is not None:
             header = header or header_of(state)
             update["state"] = header
-            out = _Outbound(state=state, header=header)
+            result = msg_id not in self._pending
+            if result:
+                self._bound_outbound()
+            out = _Outbound(state=state, header=header, result=result)
             out.expiry = self._loop.call_later(self.options.outbound_ttl, self._outbound.pop, msg_id, None)
             self._outbound[msg_id] = out
         sent = message.model_copy(update=update)
@@ -401,6 +444,18 @@ class Session:
             self._drop_outbound(msg_id)
             raise
         return sent
+
+    def _bound_outbound(self) -> None:
+        """Make room for one more announced result: a peer that never pulls makes us hold at most ``max_outbound``
+        (states announced by our own requests are bounded by the requests' deadlines instead)."""
+        results = [msg_id for msg_id, out in self._outbound.items() if out.result]
+        while len(results) >= self.options.max_outbound:
+            oldest = results.pop(0)
+            log.warning(
+                "dropping state %d announced to %s: %d results are waiting to be pulled, the most kept is %d",
+                oldest, self.peer, len(results) + 1, self.options.max_outbound,
+            )
+            self._drop_outbound(oldest)
 
     def _drop_outbound(self, msg_id: int) -> None:
         out = self._outbound.pop(msg_id, None)
@@ -494,7 +549,9 @@ class Session:
         if out is None:
             await self._send_frame(
                 encode_message(
-                    ErrorMessage(id=next(self._ids), code="transfer_failed", ref=ref, message="no such state (expired?)")
+                    ErrorMessage(
+                        id=next(self._ids), code="transfer_failed", ref=ref, message="no such state (expired or dropped?)"
+                    )
                 )
             )
             return
@@ -585,7 +642,7 @@ class Session:
             transfer = self._transfers.get(message.ref)
             if transfer is not None and not transfer.future.done():
                 transfer.future.set_exception(
-                    TransferError(f"{self.peer} could not send state: {message.code}: {message.message}")
+                    TransferError(f"{self.peer} could not send state: {safe(message.code)}: {safe(message.message)}")
                 )
             return
         inbound = Inbound(message=message, session=self)
@@ -598,7 +655,7 @@ class Session:
             future.set_result(inbound)
             return
         if isinstance(message, ErrorMessage):
-            log.warning("%s reports %s: %s", self.peer, message.code, message.message)
+            log.warning("%s reports %s: %s", self.peer, safe(message.code), safe(message.message))
             return
         if self._handler is None:
             await self.reply_error(inbound, "unsupported", f"{message.type} is not served here")

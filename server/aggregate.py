@@ -18,6 +18,8 @@ import torch
 
 __all__ = [
     "WeightedSum",
+    "AccumulatorOverflow",
+    "update_norm",
     "accumulator_dtype",
     "non_finite",
     "add_scaled",
@@ -40,29 +42,80 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64
 
 
+class AccumulatorOverflow(ValueError):
+    """Adding an update would take the running sum past the largest value of its dtype; nothing was added."""
+
+
+# Rounding of ``weight`` to the accumulator's precision and of the sum itself stays far inside this margin.
+_SAFETY = 1.0 - 1e-3
+
+
 class WeightedSum:
-    """``sum_i w_i * state_i`` and ``sum_i w_i``, folded in the order updates are added."""
+    """``sum_i w_i * state_i`` and ``sum_i w_i``, folded in the order updates are added.
+
+    Overflow cannot poison the sum. Before an update is added, each tensor's worst case
+    ``max|acc| + weight * max|update|`` is bounded in float64; when every bound is below the accumulator dtype's
+    largest value (with a margin for rounding), the update is added in place exactly as it always was, so normal
+    results stay bit for bit what they were. Only when a bound is exceeded (finite values near 3e38 in float32,
+    which no honest update holds) is the update tried in float64 on copies: if every new sum still fits the
+    accumulator's dtype it is committed, otherwise :class:`AccumulatorOverflow` is raised and the accumulator is
+    left exactly as it was (nothing was written to it), so the caller can refuse that one update and go on.
+    """
 
     def __init__(self) -> None:
         self.total_weight = 0.0
         self.count = 0
         self._sums: dict[str, torch.Tensor] = {}
         self._dtypes: dict[str, torch.dtype] = {}
+        self._peaks: dict[str, float] = {}  # max |acc| per floating tensor, a float64 upper bound
 
     def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
         if not (weight > 0 and math.isfinite(weight)):
             raise ValueError(f"weight must be positive and finite, got {weight}")
         if self.count and state.keys() != self._sums.keys():
             raise ValueError("every update must have the same tensors")
+        peaks = {name: _abs_max(tensor) for name, tensor in state.items()}
+        risky = [
+            name for name, tensor in state.items()
+            if _floating(accumulator_dtype(tensor.dtype))
+            and not self._peaks.get(name, 0.0) + weight * peaks[name] < _SAFETY * _largest(accumulator_dtype(tensor.dtype))
+        ]
+        staged = self._staged(state, weight, risky) if risky else {}
         for name, tensor in state.items():
             acc = self._sums.get(name)
-            if acc is None:
+            if name in staged:
+                if acc is None:
+                    self._dtypes[name] = tensor.dtype
+                self._sums[name] = staged[name]
+                self._peaks[name] = _abs_max(staged[name])
+            elif acc is None:
                 self._dtypes[name] = tensor.dtype
                 self._sums[name] = tensor.to(accumulator_dtype(tensor.dtype)) * weight
+                self._peaks[name] = weight * peaks[name]
             else:
                 acc.add_(tensor.to(acc.dtype), alpha=weight)
+                self._peaks[name] = self._peaks.get(name, 0.0) + weight * peaks[name]
         self.total_weight += weight
         self.count += 1
+
+    def _staged(self, state: Mapping[str, torch.Tensor], weight: float, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """New sums for ``names`` computed in float64 on copies; raises before anything is committed."""
+        staged: dict[str, torch.Tensor] = {}
+        for name in names:
+            tensor = state[name]
+            dtype = accumulator_dtype(tensor.dtype)
+            acc = self._sums.get(name)
+            exact = tensor.to(torch.float64) * weight
+            if acc is not None:
+                exact += acc.to(torch.float64)
+            peak = _abs_max(exact)
+            if not peak < _largest(dtype):
+                raise AccumulatorOverflow(
+                    f"tensor {name!r}: the weighted sum would reach {peak:.3g}, beyond the largest {dtype} "
+                    f"({_largest(dtype):.3g})"
+                )
+            staged[name] = exact.to(dtype)
+        return staged
 
     def mean(self) -> dict[str, torch.Tensor]:
         """The weighted mean in each tensor's original dtype; consumes the accumulator (no extra copy)."""
@@ -98,6 +151,44 @@ def add_scaled(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tens
 def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or infinity."""
     return [name for name, t in state.items() if (t.is_floating_point() or t.is_complex()) and not _all_finite(t)]
+
+
+def _floating(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _largest(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max) if _floating(dtype) else math.inf
+
+
+def _abs_max(tensor: torch.Tensor, chunk: int = 1 << 18) -> float:
+    """``max |x|`` as a Python float (inf for NaN), in slices so no model-sized temporary is made; 0 when empty."""
+    if tensor.numel() == 0:
+        return 0.0
+    if tensor.dtype == torch.bool:
+        return 1.0
+    peak = 0.0
+    for part in tensor.reshape(-1).split(chunk):
+        value = float(part.abs().max())
+        if math.isnan(value):
+            return math.inf
+        peak = max(peak, value)
+    return peak
+
+
+def update_norm(state: Mapping[str, torch.Tensor], chunk: int = 1 << 18) -> float:
+    """The L2 norm of a state's floating-point tensors, computed in float64 slice by slice (inf for NaN/inf).
+
+    Integer and bool buffers (step counters, masks) are left out: they are values, not a direction of change.
+    """
+    total = 0.0
+    for tensor in state.values():
+        if not _floating(tensor.dtype):
+            continue
+        for part in tensor.reshape(-1).split(chunk):
+            values = part.abs() if part.is_complex() else part
+            total += float(values.to(torch.float64).square().sum())
+    return math.sqrt(total) if math.isfinite(total) else math.inf
 
 
 def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 18) -> bool:

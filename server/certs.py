@@ -11,6 +11,12 @@ For trying TLS and mutual TLS without a PKI; a real deployment should issue cert
                                            ``listen``, server certificate for the --coordinator-host names
     OUT/coordinator/tokens/<host>.token    with --tokens: a copy of each worker's token
 
+Every certificate names its role in a SAN URI (``urn:fedlink:role:worker`` or ``urn:fedlink:role:coordinator``,
+see :mod:`fedlink.protocol.tls`), and both sides check the peer's: a worker accepts only the coordinator's
+certificate as a client and the coordinator only workers' certificates, so one worker's certificate cannot open
+another worker. (Each certificate keeps both TLS purposes, serverAuth and clientAuth, since a worker may listen or
+dial out, and a coordinator may dial or listen.)
+
 One folder per machine, so each can be given (or mounted) alone. ``--host worker-1,10.0.0.5`` names one machine
 by several names (DNS names and IP addresses). Files already there are kept, so running the command again is
 harmless (new hosts get certificates from the existing CA); ``--force`` replaces everything.
@@ -35,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedlink.protocol.auth import new_token
+from fedlink.protocol.tls import ROLE_URI, Role, roles_of
 
 __all__ = ["Machine", "CertsReport", "make_ca", "issue", "write_certs", "parse_names", "certs"]
 
@@ -55,8 +62,8 @@ class Machine:
     def folder(self) -> str:
         return self.names[0]
 
-    def sans(self) -> list[x509.GeneralName]:
-        out: list[x509.GeneralName] = []
+    def sans(self, role: Role | None = None) -> list[x509.GeneralName]:
+        out: list[x509.GeneralName] = [x509.UniformResourceIdentifier(ROLE_URI.format(role=role))] if role else []
         for name in self.names:
             try:
                 out.append(x509.IPAddress(ipaddress.ip_address(name)))
@@ -123,9 +130,10 @@ def make_ca(*, common_name: str = "fedlink development CA", days: int = 365) -> 
 
 
 def issue(
-    ca_key: Key, ca_cert: x509.Certificate, machine: Machine, *, common_name: str, days: int = 365
+    ca_key: Key, ca_cert: x509.Certificate, machine: Machine, *, common_name: str, role: Role, days: int = 365
 ) -> tuple[Key, x509.Certificate]:
-    """A leaf certificate for ``machine``, good for TLS servers and clients alike (both extended key usages)."""
+    """A leaf certificate for ``machine`` in ``role``, good for TLS servers and clients alike (both extended key
+    usages: a worker may listen or dial out); the role, named in a SAN URI, is what tells the two apart."""
     key = _key()
     start, end = _window(days)
     cert = (
@@ -147,7 +155,7 @@ def issue(
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
-        .add_extension(x509.SubjectAlternativeName(machine.sans()), critical=False)
+        .add_extension(x509.SubjectAlternativeName(machine.sans(role)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
@@ -196,8 +204,8 @@ def _ca(out: Path, days: int, force: bool, report: CertsReport) -> tuple[Key, x5
 
 
 def _leaf(
-    folder: Path, machine: Machine, common_name: str, ca: tuple[Key, x509.Certificate], *, days: int, force: bool,
-    report: CertsReport,
+    folder: Path, machine: Machine, common_name: str, ca: tuple[Key, x509.Certificate], *, role: Role, days: int,
+    force: bool, report: CertsReport,
 ) -> None:
     ca_key, ca_cert = ca
     cert_path, key_path, ca_copy = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
@@ -206,8 +214,10 @@ def _leaf(
         report.kept += [cert_path, key_path]
         if not _signed_by(existing, ca_cert) or _names(existing) != set(machine.names):
             report.notes.append(f"kept {cert_path}, which does not match the request (other CA or names); --force reissues")
+        elif _roles(existing) != {role}:
+            report.notes.append(f"kept {cert_path}, which does not name its role ({role}); --force reissues")
     else:
-        key, cert = issue(ca_key, ca_cert, machine, common_name=common_name, days=days)
+        key, cert = issue(ca_key, ca_cert, machine, common_name=common_name, role=role, days=days)
         _write(key_path, _pem_key(key), secret=True, report=report)
         _write(cert_path, _pem_cert(cert), secret=False, report=report)
     if force or not ca_copy.exists() or ca_copy.read_bytes() != _pem_cert(ca_cert):
@@ -230,6 +240,10 @@ def _names(cert: x509.Certificate) -> set[str]:
     return {str(n) for n in san.get_values_for_type(x509.DNSName)} | {
         str(n) for n in san.get_values_for_type(x509.IPAddress)
     }
+
+
+def _roles(cert: x509.Certificate) -> set[str]:
+    return roles_of(cert.public_bytes(serialization.Encoding.DER))
 
 
 def _tokens(out: Path, hosts: Sequence[Machine], force: bool, report: CertsReport) -> None:
@@ -262,8 +276,11 @@ def write_certs(
     report = CertsReport()
     ca = _ca(out, days, force, report)
     for machine in hosts:
-        _leaf(out / machine.folder, machine, machine.folder, ca, days=days, force=force, report=report)
-    _leaf(out / "coordinator", coordinator, "fedlink coordinator", ca, days=days, force=force, report=report)
+        _leaf(out / machine.folder, machine, machine.folder, ca, role="worker", days=days, force=force, report=report)
+    _leaf(
+        out / "coordinator", coordinator, "fedlink coordinator", ca, role="coordinator", days=days, force=force,
+        report=report,
+    )
     if tokens:
         _tokens(out, hosts, force, report)
     return report

@@ -1,4 +1,4 @@
-"""``fl-coordinator``: train, split, demo. Each command parses, builds a config and calls one entry point."""
+"""``fl-coordinator``: train, simulate, split, demo. Each command parses, builds a config and calls one entry point."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -19,6 +20,7 @@ from . import split as splitting
 from .certs import certs
 from .config import load_config
 from .coordinator import Coordinator
+from .observers import run_observers
 from .progress import make_progress
 
 __all__ = ["main"]
@@ -26,6 +28,12 @@ __all__ = ["main"]
 
 def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _privacy_summary(record: dict[str, Any]) -> str:
+    """``; epsilon 3.21 (delta 1e-05)`` for a run with a privacy ledger, else nothing."""
+    eps = record.get("epsilon")
+    return f"; epsilon {eps:.3f} (delta {record.get('delta', 0):g})" if eps is not None else ""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -43,14 +51,57 @@ def train(config_path: Path, resume: bool, log_level: str) -> None:
     console = Console(stderr=True)
     try:
         config = load_config(config_path)
-        with make_progress(console) as progress:
-            history = asyncio.run(Coordinator(config, progress=progress).run(resume=resume))
+        # Exporters (metrics:, output.tensorboard) first, then the live table; see server/observers.py.
+        with run_observers(config, make_progress(console), announce=lambda line: click.echo(line, err=True)) as progress:
+            coordinator = Coordinator(config, progress=progress)
+            progress.bind(coordinator)
+            history = asyncio.run(coordinator.run(resume=resume))
     except FedlinkError as exc:
         raise click.ClickException(str(exc)) from exc
+    if coordinator.stopped is not None:
+        click.echo(f"stopped early: {coordinator.stopped}")
+    if not history:
+        click.echo("no round ran")
+        return
     last = history[-1]
     acc = last.get("accuracy")
     click.echo(
-        f"finished {len(history)} rounds; final accuracy {acc:.4f}" if acc is not None else f"finished {len(history)} rounds"
+        (f"finished {len(history)} rounds; final accuracy {acc:.4f}" if acc is not None else f"finished {len(history)} rounds")
+        + _privacy_summary(last)
+    )
+    click.echo(f"metrics: {config.output / 'metrics.jsonl'}\nmodel:   {config.output / 'model.safetensors'}")
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue from the last completed round of OUTPUT/checkpoint.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning")
+def simulate(config_path: Path, resume: bool, log_level: str) -> None:
+    """Run CONFIG's job over virtual workers (its simulation: section) on this machine or a Ray cluster."""
+    from .simulation.run import SimulationDisplay, simulate_async
+
+    _logging(log_level)
+    console = Console(stderr=True)
+    try:
+        config = load_config(config_path)
+        if config.simulation is None:
+            raise click.UsageError(f"{config_path} has no simulation: section; fl-coordinator train runs real workers")
+        display = SimulationDisplay(make_progress(console), show_workers=config.simulation.workers <= 32)
+        with run_observers(config, display, announce=lambda line: click.echo(line, err=True)) as progress:
+            history = asyncio.run(simulate_async(config, progress=progress, resume=resume))
+    except FedlinkError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not history:
+        click.echo("no round ran")
+        return
+    last = history[-1]
+    acc = last.get("accuracy")
+    updates = sum(r.get("workers", 0) for r in history)
+    seconds = sum(r.get("round_seconds", 0.0) for r in history)
+    click.echo(
+        f"finished {len(history)} rounds" + (f"; final accuracy {acc:.4f}" if acc is not None else "")
+        + _privacy_summary(last)
+        + (f"; {updates / seconds:.1f} client updates per second" if seconds > 0 else "")
     )
     click.echo(f"metrics: {config.output / 'metrics.jsonl'}\nmodel:   {config.output / 'model.safetensors'}")
 
@@ -93,17 +144,38 @@ def split(data: Path, n_workers: int, mode: str, alpha: float | None, classes: i
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The PNG to write; the table goes beside it as .md.")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The PNG to write; the table goes beside it as .md.")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write one self-contained HTML page: curves, workers, drops, configs.")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write TensorBoard events, one folder per RUN under this one.")
 @click.option("--target", type=click.FloatRange(0, 1), default=None, help="Also report the first round reaching this accuracy.")
 @click.option("--title", default="", help="Title of the plot.")
-def report(runs: tuple[Path, ...], out: Path, target: float | None, title: str) -> None:
+def report(
+    runs: tuple[Path, ...], out: Path | None, html_out: Path | None, tensorboard_dir: Path | None,
+    target: float | None, title: str,
+) -> None:
     """Plot accuracy and loss per round of one or several RUN folders, and write a markdown table."""
     from .report import load_run, markdown_table, plot_runs  # matplotlib is needed only here
 
+    if out is None and html_out is None and tensorboard_dir is None:
+        raise click.UsageError("say what to write: --out PNG, --html PAGE and/or --tensorboard DIR")
     try:
         loaded = [load_run(folder) for folder in runs]
+        if html_out is not None:
+            from .html_report import write_html
+
+            click.echo(f"html: {write_html(runs, html_out, title=title)}")
+        if tensorboard_dir is not None:
+            from .tensorboard import convert_run
+
+            for folder, run in zip(runs, loaded):
+                rounds = convert_run(folder, tensorboard_dir / run.name)
+                click.echo(f"tensorboard: {tensorboard_dir / run.name} ({rounds} rounds)")
     except FedlinkError as exc:
         raise click.ClickException(str(exc)) from exc
+    if out is None:
+        return
     plot_runs(loaded, out, title=title)
     table = markdown_table(loaded, target=target)
     out.with_suffix(".md").write_text(table, encoding="utf-8")

@@ -8,15 +8,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
+from fedlink.display import PEER_ID_PATTERN
+from fedlink.privacy import PrivacyConfig
 from fedlink.protocol.limits import Limits
-from fedlink.protocol.messages import ModelSpec, OptimizerSpec, UpdateKind
+from fedlink.protocol.messages import MAX_HEARTBEAT, MIN_HEARTBEAT, ModelSpec, OptimizerSpec, UpdateKind
 
 from .errors import ConfigError
+from .secure_config import SECURE_STRATEGIES_REFUSED, SecureAggregationConfig
+from .simulation.config import SimulationConfig
 
 __all__ = [
     "JobConfig",
@@ -29,6 +33,9 @@ __all__ = [
     "AuthConfig",
     "TLSConfig",
     "EvaluationConfig",
+    "FederatedEvaluationConfig",
+    "MetricsConfig",
+    "OutputOptions",
     "load_config",
     "parse_config",
     "format_validation_error",
@@ -42,6 +49,9 @@ class _Section(BaseModel):
 class WorkerEntry(_Section):
     url: str
     token_file: Path | None = Field(None, description="this worker's own token; overrides auth.token_file")
+    max_samples: int | None = Field(
+        None, ge=1, description="most samples this worker's update may weigh in a round, whatever it reports"
+    )
 
     @field_validator("url")
     @classmethod
@@ -54,6 +64,40 @@ class WorkerEntry(_Section):
 class SamplingConfig(_Section):
     fraction: float = Field(1.0, gt=0, le=1, description="share of the connected workers asked each round")
     min_workers: int = Field(1, ge=1, description="a round needs at least this many results")
+    max_samples: int | None = Field(
+        None, ge=1, description="most samples any worker's update may weigh in a round, whatever it reports"
+    )
+    worker_max_samples: dict[Annotated[str, StringConstraints(pattern=PEER_ID_PATTERN)], Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="worker id -> most samples its update may weigh (dial-in or dialled)"
+    )
+    max_weight_share: float = Field(
+        0.5, gt=0, le=1,
+        description="no worker's update weighs more than this share of the selected workers' total; applies to "
+        "rounds of more than 1/share workers (three or more for 0.5); 1 turns it off",
+    )
+    mode: Literal["fixed", "poisson"] = Field(
+        "fixed",
+        description="fixed: a cohort of sampling.fraction; poisson: each worker independently with probability "
+        "sampling.rate (the sampling differential privacy's accountant assumes)",
+    )
+    rate: float | None = Field(None, gt=0, le=1, description="poisson: each worker's probability of taking part in a round")
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> "SamplingConfig":
+        if self.mode == "poisson":
+            if self.rate is None:
+                raise ValueError("sampling.mode poisson needs sampling.rate, each worker's probability per round (0, 1]")
+            if self.fraction != 1.0:
+                raise ValueError(
+                    f"sampling.fraction ({self.fraction}) sizes fixed cohorts; with sampling.mode poisson give "
+                    "sampling.rate only"
+                )
+        elif self.rate is not None:
+            raise ValueError(
+                f"sampling.rate ({self.rate}) is the probability of sampling.mode poisson; add mode: poisson, "
+                "or use sampling.fraction for a fixed-size cohort"
+            )
+        return self
 
 
 class TrainingConfig(_Section):
@@ -82,7 +126,9 @@ class TimeoutsConfig(_Section):
     wait_for_workers: float = Field(
         60.0, ge=0, description="before each round, seconds to wait for sampling.min_workers to be connected"
     )
-    heartbeat: float = Field(5.0, gt=0, description="seconds between heartbeats; a peer silent 6x as long is dropped")
+    heartbeat: float = Field(
+        5.0, ge=MIN_HEARTBEAT, le=MAX_HEARTBEAT, description="seconds between heartbeats; a peer silent 6x as long is dropped"
+    )
     reconnect_max: float = Field(10.0, gt=0, description="longest pause between attempts to reach a lost worker")
     round_retries: int = Field(
         2, ge=0, description="times a round is tried again when fewer than sampling.min_workers answered"
@@ -103,7 +149,9 @@ class AuthConfig(_Section):
     against its own token only, so no holder of the shared token can take its place."""
 
     token_file: Path | None = Field(None, description="token shared by every worker without its own")
-    workers: dict[str, Path] = Field(default_factory=dict, description="worker id -> token file, for dial-in workers")
+    workers: dict[Annotated[str, StringConstraints(pattern=PEER_ID_PATTERN)], Path] = Field(
+        default_factory=dict, description="worker id -> token file, for dial-in workers"
+    )
 
 
 class TLSConfig(_Section):
@@ -123,14 +171,38 @@ class TLSConfig(_Section):
         return self
 
 
+class FederatedEvaluationConfig(_Section):
+    """Sampled workers evaluate the global model on their own shards, every ``every`` rounds."""
+
+    every: int = Field(1, ge=1, description="evaluate after every N-th round (and after the last)")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of the connected workers asked to evaluate")
+    min_workers: int = Field(1, ge=1, description="fewest answers for a recorded federated evaluation")
+    batch_size: int = Field(256, ge=1)
+
+
 class EvaluationConfig(_Section):
     data: Path | None = Field(None, description="held-out set in the shard format, evaluated on the coordinator")
     every: int = Field(1, ge=1)
     batch_size: int = Field(512, ge=1)
+    federated: FederatedEvaluationConfig | None = Field(None, description="also evaluate on the workers' shards")
+
+
+class MetricsConfig(_Section):
+    """The coordinator's Prometheus endpoint, ``http://host:port/metrics``, served while the job runs."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535, description="0: any free port (the URL is printed at start)")
+    per_worker: bool = Field(True, description="also series labelled by worker id (first 100 workers only)")
+
+
+class OutputOptions(_Section):
+    """What the run writes beside ``metrics.jsonl``; given as ``output: {dir: PATH, tensorboard: true}``."""
+
+    tensorboard: bool = Field(False, description="write TensorBoard events live to OUTPUT/tensorboard")
 
 
 class JobConfig(_Section):
-    name: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=128, pattern=PEER_ID_PATTERN, description="the job's name; its id in hellos")
     seed: int = Field(0, ge=0, lt=1 << 63)
     model: ModelSpec
     workers: list[WorkerEntry] = Field(default_factory=list)
@@ -142,10 +214,31 @@ class JobConfig(_Section):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     output: Path = Path("runs/fedlink")
+    output_options: OutputOptions = OutputOptions()  # from the mapping form of output; see _output_forms
+    metrics: MetricsConfig | None = None
     limits: Limits = Limits()
     device: str = "cpu"
     auth: AuthConfig = AuthConfig()
     tls: TLSConfig | None = None
+    simulation: SimulationConfig | None = Field(None, description="virtual workers (fl-coordinator simulate)")
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        None, description="the coordinator learns only the sum of the updates (see SECURITY.md)"
+    )
+    privacy: PrivacyConfig | None = Field(
+        None, description="differential privacy: central, local or distributed (README, Differential privacy)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _output_forms(cls, data: Any) -> Any:
+        """``output: PATH`` or ``output: {dir: PATH, tensorboard: BOOL}``; ``config.output`` is the path either way."""
+        if isinstance(data, dict) and isinstance(data.get("output"), dict):
+            given = dict(data["output"])
+            unknown = sorted(set(given) - {"dir", *OutputOptions.model_fields})
+            if unknown:
+                raise ValueError(f"output: unknown key(s) {', '.join(unknown)}; output takes dir and tensorboard")
+            data = {**data, "output": given.pop("dir", "runs/fedlink"), "output_options": given}
+        return data
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -156,6 +249,15 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _enough_workers(self) -> "JobConfig":
+        if self.simulation is not None:
+            if self.workers or self.listen is not None:
+                raise ValueError("a simulation's workers are virtual: remove workers and listen, or remove simulation")
+            if self.sampling.min_workers > self.simulation.workers:
+                raise ValueError(
+                    f"sampling.min_workers is {self.sampling.min_workers} but simulation.workers is "
+                    f"{self.simulation.workers}"
+                )
+            return self
         if not self.workers and self.listen is None:
             raise ValueError("no workers: list their URLs under workers, or set listen for workers that dial in")
         if self.listen is None and self.sampling.min_workers > len(self.workers):
@@ -180,10 +282,60 @@ class JobConfig(_Section):
             raise ValueError("auth.workers names workers that dial in; set listen too (dialled workers take token_file)")
         return self
 
+    @model_validator(mode="after")
+    def _secure_aggregation(self) -> "JobConfig":
+        if self.secure_aggregation is None:
+            return self
+        if self.strategy.name in SECURE_STRATEGIES_REFUSED:
+            raise ValueError(
+                f"strategy {self.strategy.name!r} needs each update on its own, but under secure_aggregation the "
+                "coordinator sees only their sum; use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad"
+            )
+        if self.training.update == "gradients":
+            raise ValueError("secure_aggregation sums deltas: use training.update 'delta' or 'weights' (sent as a delta)")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy(self) -> "JobConfig":
+        privacy = self.privacy
+        if privacy is None:
+            return self
+        if privacy.mode in ("central", "distributed") and self.training.update == "gradients":
+            raise ValueError(
+                f"privacy.mode {privacy.mode} clips and noises whole updates: use training.update delta or weights"
+            )
+        if privacy.mode == "distributed" and self.secure_aggregation is None:
+            raise ValueError("privacy.mode distributed adds the noise under secure aggregation: set secure_aggregation")
+        if privacy.mode == "central" and self.secure_aggregation is not None:
+            raise ValueError(
+                "privacy.mode central clips each update on the coordinator, which secure_aggregation hides from it: "
+                "use privacy.mode distributed with secure_aggregation"
+            )
+        if privacy.mode == "local" and self.training.grad_clip is not None:
+            raise ValueError(
+                "training.grad_clip and privacy.mode local both clip: DP-SGD clips each example's gradient to "
+                "privacy.clip_norm; remove training.grad_clip"
+            )
+        if privacy.mode == "local" and self.training.update == "gradients":
+            raise ValueError("privacy.mode local trains with DP-SGD: use training.update delta or weights")
+        return self
+
     def fingerprint(self) -> str:
         """A digest of everything that shapes the model's trajectory; a checkpoint only resumes a matching job."""
         keys = {"seed", "model", "training", "strategy", "sampling"}
-        text = json.dumps(self.model_dump(mode="json", include=keys), sort_keys=True)
+        if self.secure_aggregation is not None:
+            keys.add("secure_aggregation")
+        if self.privacy is not None:
+            keys.add("privacy")
+        shaped = self.model_dump(mode="json", include=keys)
+        if self.sampling.mode == "fixed":  # as before sampling.mode existed: older checkpoints still resume
+            shaped["sampling"].pop("mode")
+            shaped["sampling"].pop("rate")
+        if self.privacy is not None:  # a stopping rule, not the trajectory: a run may resume with a larger budget
+            shaped["privacy"].pop("max_epsilon")
+        if self.simulation is not None:  # the virtual workers' data, not how many processes run them
+            shaped["simulation"] = self.simulation.model_dump(mode="json", include={"data", "workers", "partition"})
+        text = json.dumps(shaped, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def resolve_paths(self, base: Path) -> "JobConfig":
@@ -196,6 +348,8 @@ class JobConfig(_Section):
             evaluation = evaluation.model_copy(update={"data": base / evaluation.data})
             update["evaluation"] = evaluation
         update.update(self._resolve_security_paths(base))
+        if self.simulation is not None:
+            update["simulation"] = self.simulation.resolve(base)
         return self.model_copy(update=update)
 
     def _resolve_security_paths(self, base: Path) -> dict[str, Any]:
@@ -222,6 +376,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: {exc.error_count()} problem(s) in the configuration"]
     for error in exc.errors():
         key = ".".join(str(p) for p in error.get("loc", ())) or "(top level)"
+        if key.startswith("output_options."):  # written as output: {dir: ..., tensorboard: ...}
+            key = "output." + key.removeprefix("output_options.")
         value = error.get("input")
         shown = repr(value) if not isinstance(value, dict) else "{...}"
         if len(shown) > 80:

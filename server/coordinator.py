@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
 import logging
 import math
 import random
@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from fedlink.factory import ModelAllowList, build_model
-from fedlink.protocol.messages import Hello, TrainingPlan
+from fedlink.privacy import BudgetExceeded
+from fedlink.protocol.messages import Hello, HookSpec, TrainingPlan
 from fedlink.protocol.session import SessionOptions
 from fedlink.protocol.tensors import State, StateHeader, header_of
 from fedlink.shards import load_shard
@@ -22,11 +23,15 @@ from fedlink.training import Metrics, evaluate
 from . import __version__
 from .config import JobConfig
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .errors import ConfigError, NotEnoughWorkers
+from .aggregate import non_finite
+from .errors import ConfigError, NotEnoughWorkers, RoundRefused
 from .output import RunOutput
 from .pool import WorkerPool
 from .progress import Progress
 from .remote import RemoteWorker
+from .evaluate_stage import EvaluateStage, weighted_evaluation
+from .secure_rounds import SecureRound
+from .privacy import CentralDPStrategy, RunPrivacy
 from .rounds import RoundReport, derive_seed, run_round
 from .security import Security
 from .strategy import Strategy, build_strategy
@@ -39,12 +44,15 @@ log = logging.getLogger("fedlink.server")
 _TRUST_CONFIG = ModelAllowList(("*",))
 
 
-def select_workers(available: list[RemoteWorker], *, fraction: float, min_workers: int, seed: int, server_round: int) -> list[RemoteWorker]:
+def select_workers(
+    available: list[RemoteWorker], *, fraction: float, min_workers: int, seed: int, server_round: int,
+    purpose: str = "sampling",
+) -> list[RemoteWorker]:
     """A seeded sample of ``ceil(fraction * n)`` (at least ``min_workers``) workers, in configured order."""
     count = min(len(available), max(min_workers, math.ceil(fraction * len(available))))
     if count >= len(available):
         return list(available)
-    rng = random.Random(derive_seed(seed, server_round, "sampling"))
+    rng = random.Random(derive_seed(seed, server_round, purpose))
     chosen = set(rng.sample(range(len(available)), count))
     return [w for i, w in enumerate(available) if i in chosen]
 
@@ -88,6 +96,7 @@ class Coordinator:
             listen_keyring=self.security.listen_keyring,
             listen_ssl=self.security.listen_ssl,
             max_connections=config.listen.max_connections if config.listen is not None else 1024,
+            observer=self.progress,
         )
         self.output = RunOutput(config.output)
         self.state, self._param_header = initial_state(config)
@@ -97,7 +106,19 @@ class Coordinator:
                 f"sampling.min_workers is {config.sampling.min_workers} but strategy {config.strategy.name!r} "
                 f"needs at least {self.strategy.min_updates} updates per round"
             )
+        # Differential privacy (README, Differential privacy): the run's secret, ledger and DP-FedAvg wrapper.
+        self.privacy: RunPrivacy | None = RunPrivacy(config) if config.privacy is not None else None
+        if self.privacy is not None and self.privacy.central is not None:
+            self.strategy = CentralDPStrategy(self.strategy, self.privacy, self.state)
+        #: Why the run ended before its last round (the privacy budget), or None.
+        self.stopped: str | None = None
         self.strategy.configure_train(1, self._plan())  # refuses now what a round would refuse later
+        self.secure: SecureRound | None = None
+        if config.secure_aggregation is not None:
+            self.secure = SecureRound(config.secure_aggregation, self.strategy)
+            self.secure.check(self.state)
+        # Keys the workers' per-run stores; stable across --resume, different for another job or seed.
+        self.run_id = hashlib.sha256(f"{config.name}\0{config.fingerprint()}".encode()).hexdigest()[:16]
         self.history: list[dict[str, Any]] = []
         self.listen_url: str | None = None
         self.listening = asyncio.Event()
@@ -119,14 +140,18 @@ class Coordinator:
         """The round's training plan; the learning rate decays by ``training.lr_decay`` per round."""
         t = self.config.training
         lr = t.optimizer.lr * t.lr_decay ** (server_round - 1)
-        return TrainingPlan(
+        plan = TrainingPlan(
             epochs=t.epochs,
             batch_size=t.batch_size,
             optimizer=t.optimizer.model_copy(update={"lr": lr}),
             update=t.update,
-            grad_clip=t.grad_clip,
             max_steps=t.max_steps,
         )
+        if t.grad_clip is not None:
+            plan = plan.with_hook(HookSpec(name="grad_clip", params={"max_norm": t.grad_clip}))
+        if self.privacy is not None:
+            plan = self.privacy.plan(plan)
+        return plan
 
     def _evaluate(self, state: State) -> Metrics:
         assert self._eval_model is not None and self._eval_data is not None
@@ -154,10 +179,18 @@ class Coordinator:
 
     async def run(self, *, resume: bool = False) -> list[dict[str, Any]]:
         """Run the job (from the last checkpoint with ``resume``); returns one record per round."""
+        if getattr(self.strategy, "asynchronous", False):
+            from .buffered import run_buffered
+
+            return await run_buffered(self, resume=resume)
         config = self.config
+        if resume and self.privacy is not None:
+            self.privacy.adopt_saved_secret(self.output.checkpoint_dir)
         first_round = self._resume() if resume else 1
         if not resume:
             self.output.start()
+        if self.privacy is not None:
+            self.privacy.save_secret(self.output.checkpoint_dir)
         header = header_of(self.state)
         update_header = self._param_header if config.training.update == "gradients" else header
         pending: asyncio.Future[None] | None = None
@@ -166,10 +199,21 @@ class Coordinator:
             if config.listen is not None:
                 self.listen_url = await self.pool.listen(host=config.listen.host, port=config.listen.port)
                 self.listening.set()
-            self.progress.run_started(config.name, config.rounds, [w.url for w in self.workers])
+            # Rows appear as workers connect, under their ids: see WorkerPool's observer.
+            self.progress.run_started(config.name, config.rounds, [])
             last = time.perf_counter()
             for server_round in range(first_round, config.rounds + 1):
+                if self.privacy is not None:
+                    try:
+                        self.privacy.check_budget(server_round)
+                    except BudgetExceeded as exc:
+                        # A clean ending: the rounds so far are recorded and checkpointed, the model is saved.
+                        self.stopped = str(exc)
+                        log.warning("%s", exc)
+                        break
                 report = await self._train_round(server_round, header, update_header)
+                if self._federated_due(server_round):
+                    await self._federated_evaluation(report)
                 now = time.perf_counter()
                 report.wall_seconds, last = now - last, now
                 if pending is not None:
@@ -181,16 +225,7 @@ class Coordinator:
                 pending = asyncio.ensure_future(self._complete_round(report, self.strategy.state_dict()))
             if pending is not None:
                 await pending
-            self.output.save_model(
-                self.state,
-                {
-                    "name": config.name,
-                    "rounds": config.rounds,
-                    "factory": config.model.factory,
-                    "kwargs": config.model.kwargs,
-                    "fedlink": __version__,
-                },
-            )
+            self.save_final_model()
         finally:
             if pending is not None and not pending.done():
                 # A later round failed: the round before it still gets its record and checkpoint.
@@ -198,10 +233,24 @@ class Coordinator:
             await self.pool.close("training finished")
         return self.history
 
+    def save_final_model(self) -> None:
+        config = self.config
+        self.output.save_model(
+            self.state,
+            {
+                "name": config.name,
+                "rounds": config.rounds,
+                "factory": config.model.factory,
+                "kwargs": config.model.kwargs,
+                "fedlink": __version__,
+            },
+        )
+
     async def _complete_round(self, report: RoundReport, strategy_state: dict[str, Any]) -> None:
         record = await self._finish_round(report)
         self.history.append(record)
         self.output.write_round(record)
+        self.output.write_workers([o.record(report.server_round) for o in report.outcomes])
         save_checkpoint(
             self.output.checkpoint_dir,
             Checkpoint(report.server_round, report.state, strategy_state, list(self.history), self.config.fingerprint()),
@@ -213,12 +262,18 @@ class Coordinator:
         config = self.config
         for attempt in range(config.timeouts.round_retries + 1):
             available = await self.pool.wait_for(config.sampling.min_workers, timeout=config.timeouts.wait_for_workers)
-            selected = select_workers(
-                available, fraction=config.sampling.fraction, min_workers=config.sampling.min_workers,
-                seed=config.seed, server_round=server_round,
-            )
+            if self.privacy is not None:
+                self.privacy.attempt = attempt  # a retried round draws other noise and other coins
+            if config.sampling.mode == "poisson":
+                selected = self._poisson(available, server_round, attempt)
+            else:
+                selected = select_workers(
+                    available, fraction=config.sampling.fraction, min_workers=config.sampling.min_workers,
+                    seed=config.seed, server_round=server_round,
+                )
+            snapshot = self.strategy.state_dict()
             try:
-                return await run_round(
+                report = await run_round(
                     server_round,
                     selected,
                     global_state=self.state,
@@ -228,15 +283,92 @@ class Coordinator:
                     plan=self._plan(server_round),
                     strategy=self.strategy,
                     seed=config.seed,
-                    deadline=asyncio.get_running_loop().time() + config.timeouts.round,
+                    timeout=config.timeouts.round,
                     min_workers=config.sampling.min_workers,
+                    run_id=self.run_id,
+                    concurrent_uploads=config.limits.concurrent_uploads,
                     observer=self.progress,
+                    max_samples=self._sample_caps(selected),
+                    max_update_norm=config.limits.max_update_norm,
+                    max_weight_share=config.sampling.max_weight_share,
+                    workflow=self.secure.run if self.secure is not None else None,
                 )
-            except NotEnoughWorkers as exc:
+                await self._check_new_state(report)
+                return report
+            except (NotEnoughWorkers, RoundRefused) as exc:
+                if isinstance(exc, RoundRefused):
+                    self.strategy.load_state_dict(snapshot)  # the refused round leaves no trace in the strategy
                 if attempt == config.timeouts.round_retries:
                     raise
                 log.warning("%s; trying round %d again (%d of %d)", exc, server_round, attempt + 1, config.timeouts.round_retries)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _poisson(self, available: list[RemoteWorker], server_round: int, attempt: int) -> list[RemoteWorker]:
+        """``sampling.mode: poisson``: each connected worker with probability ``sampling.rate`` (see .privacy)."""
+        from .privacy import poisson_select
+
+        rate = self.config.sampling.rate
+        assert rate is not None
+        if self.privacy is not None:
+            return self.privacy.select(available, [w.name for w in available], server_round, self.config.seed)
+        return poisson_select(
+            available, [w.name for w in available], rate=rate, server_round=server_round, attempt=attempt,
+            noise=None, seed=self.config.seed,
+        )
+
+    def _sample_caps(self, workers: list[RemoteWorker]) -> dict[str, int]:
+        """Per selected worker, the most samples its update may weigh: the smallest cap the config sets for it."""
+        sampling = self.config.sampling
+        by_url = {w.url: w.max_samples for w in self.config.workers if w.max_samples is not None}
+        caps: dict[str, int] = {}
+        for worker in workers:
+            given = [sampling.max_samples, sampling.worker_max_samples.get(worker.name), by_url.get(worker.url)]
+            found = [cap for cap in given if cap is not None]
+            if found:
+                caps[worker.name] = min(found)
+        return caps
+
+    async def _check_new_state(self, report: RoundReport) -> None:
+        """Refuse a round whose new global state is not finite, before it replaces the model or is checkpointed."""
+        bad = await asyncio.to_thread(non_finite, report.state)
+        if bad:
+            raise RoundRefused(
+                f"round {report.server_round}: the aggregated model has NaN or infinite values in "
+                f"{', '.join(bad[:5])}; it was not accepted and the previous model and checkpoint stand"
+            )
+
+    def _federated_due(self, server_round: int) -> bool:
+        federated = self.config.evaluation.federated
+        return federated is not None and (server_round % federated.every == 0 or server_round == self.config.rounds)
+
+    async def _federated_evaluation(self, report: RoundReport) -> None:
+        """Sampled workers evaluate the round's model on their shards; the figures join the round's report."""
+        federated = self.config.evaluation.federated
+        assert federated is not None
+        available = self.pool.connected()
+        selected = select_workers(
+            available, fraction=federated.fraction, min_workers=federated.min_workers, seed=self.config.seed,
+            server_round=report.server_round, purpose="evaluation",
+        )
+        stage = EvaluateStage(
+            model=self.config.model, state=report.state, header=header_of(report.state), run_id=self.run_id,
+            timeout=self.config.timeouts.round, batch_size=federated.batch_size, min_survivors=federated.min_workers,
+        )
+        from .engine import run_stage
+
+        outcome = await run_stage(report.server_round, stage, selected, observer=self.progress)
+        report.outcomes.extend(outcome.outcomes)
+        if len(outcome.results) < federated.min_workers:
+            log.warning(
+                "round %d: federated evaluation got %d answers, evaluation.federated.min_workers is %d; not recorded",
+                report.server_round, len(outcome.results), federated.min_workers,
+            )
+            return
+        accuracy, loss, samples = weighted_evaluation(list(outcome.results.values()))
+        report.metrics.update(
+            federated_accuracy=accuracy, federated_loss=loss, federated_workers=float(len(outcome.results)),
+            federated_samples=float(samples),
+        )
 
     async def _finish_round(self, report: RoundReport) -> dict[str, Any]:
         config = self.config
@@ -248,19 +380,28 @@ class Coordinator:
         contributed = report.contributed
         total = sum(o.num_samples for o in contributed)
         train_loss = sum(o.metrics.get("loss", 0.0) * o.num_samples for o in contributed) / max(total, 1)
-        return {
+        if "secure_samples" in report.metrics:  # only the sum is known: counts and losses came through the mask
+            total = round(report.metrics["secure_samples"])
+            train_loss = report.metrics["secure_train_loss"]
+        record = {
             "round": report.server_round,
             "rounds": config.rounds,
             "accuracy": accuracy,
             "loss": loss,
             **({"roc_auc": roc_auc} if roc_auc is not None else {}),
             "workers": len(contributed),
-            "selected": len(report.outcomes),
+            "selected": len(report.trained),
             "samples": total,
             "train_loss": train_loss,
             "seconds": report.seconds + (time.perf_counter() - started),
             "round_seconds": report.seconds,
             "wall_seconds": report.wall_seconds,
             "slowest_train_seconds": max((o.train_seconds for o in contributed), default=0.0),
-            "dropped": {o.worker: o.reason for o in report.outcomes if o.status != "ok"},
+            "dropped": {o.worker: o.reason for o in report.trained if o.status != "ok"},
         }
+        # What the strategy (and federated evaluation) reported; never overwrites the fields above.
+        record.update({k: v for k, v in report.metrics.items() if k not in record})
+        if self.privacy is not None and self.privacy.mode == "local":
+            spent = [o.metrics["epsilon"] for o in contributed if "epsilon" in o.metrics]
+            record.update(self.privacy.local_record(spent, self.history))
+        return record

@@ -12,7 +12,8 @@ from fedlink.protocol.auth import Keyring
 from fedlink.protocol.channel import memory_pair
 from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import Hello
-from fedlink.protocol.session import Session, SessionOptions, handshake
+from fedlink.protocol.connect import open_session
+from fedlink.protocol.session import SessionOptions
 from fedlink.worker.daemon import WorkerDaemon
 
 from .remote import RemoteWorker
@@ -35,9 +36,10 @@ async def connect_in_memory(
     limits = limits or daemon.limits
     coordinator_end, worker_end = memory_pair("coordinator", f"memory:{daemon.service.worker_id}")
     served = asyncio.ensure_future(daemon.serve_channel(worker_end))
-    peer = await handshake(coordinator_end, hello, limits=limits, timeout=10, keyring=keyring, initiator=True)
-    session = Session(coordinator_end, peer=peer, limits=limits, options=options or SessionOptions())
-    session.start()
+    session = await open_session(
+        coordinator_end, hello, limits=limits, timeout=10, keyring=keyring, initiator=True,
+        options=options or SessionOptions(),
+    )
     remote = RemoteWorker(f"memory://{daemon.service.worker_id}")
     remote.attach(session)
     return remote, served

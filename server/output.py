@@ -33,6 +33,7 @@ class RunOutput:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.metrics_path = folder / "metrics.jsonl"
+        self.workers_path = folder / "workers.jsonl"
         self.model_path = folder / "model.safetensors"
         self.checkpoint_dir = folder / "checkpoint"
 
@@ -40,6 +41,7 @@ class RunOutput:
         """Create the folder and begin a fresh ``metrics.jsonl`` (and no stale checkpoint)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.metrics_path.write_text("", encoding="utf-8")
+        self.workers_path.write_text("", encoding="utf-8")
         if self.checkpoint_dir.exists():
             shutil.rmtree(self.checkpoint_dir)
 
@@ -53,6 +55,31 @@ class RunOutput:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.metrics_path)
+        self._restore_workers({int(record["round"]) for record in history})
+
+    def _restore_workers(self, rounds: set[int]) -> None:
+        """Keep only the per-worker lines of checkpointed rounds (a killed run may have logged one more)."""
+        if not self.workers_path.exists():
+            self.workers_path.write_text("", encoding="utf-8")
+            return
+        kept = []
+        for line in self.workers_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if int(json.loads(line)["round"]) in rounds:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the kill
+        tmp = self.workers_path.with_name(self.workers_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.workers_path)
+
+    def write_workers(self, records: list[dict[str, Any]]) -> None:
+        """One line per worker per stage of a round (``workers.jsonl``)."""
+        with open(self.workers_path, "a", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def write_round(self, record: Mapping[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:

@@ -1,11 +1,15 @@
 """The coordinator's workers and their connections, kept alive for the whole run.
 
-Workers listed in the config are dialled, and re-dialled with exponential backoff whenever their connection
-drops, so a worker that restarts is re-admitted on its own. Workers behind NAT dial in to the coordinator's
-listener instead (``fl-worker --connect``) and are known by their worker id; a worker that dials in again
-replaces its old session -- but only when it authenticated (``listen_keyring``): without a token nothing shows
-that the newcomer is the same worker, so an unauthenticated one is refused while the id is connected. After the
-handshake both kinds are the same :class:`RemoteWorker`.
+Workers listed in the config are dialled, and re-dialled with backoff whenever their connection drops
+(:func:`fedlink.backoff.keep_connected`, the same loop a dialling-out worker runs), so a worker that restarts is
+re-admitted on its own. Workers behind NAT dial in to the coordinator's listener instead (``fl-worker --connect``).
+Every connection opens through :func:`fedlink.protocol.connect.open_session`.
+
+A worker is its hello id everywhere, whichever side dialled. Ids are unique among live connections: a second
+connection claiming an id that is already connected is refused, and both sides are told why. The one exception is
+a dial-in worker that proves its *own* token (``auth.workers``): it may replace its earlier session, since only
+that worker holds the token (a worker reconnecting after a network cut would otherwise wait for the old session's
+heartbeat timeout).
 """
 
 from __future__ import annotations
@@ -14,23 +18,32 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Sequence
+from typing import Protocol
 
-from fedlink.backoff import Backoff
+from fedlink.backoff import Backoff, keep_connected
 from fedlink.protocol.auth import Keyring
 from fedlink.protocol.channel import Channel
-from fedlink.protocol.errors import ProtocolError
+from fedlink.protocol.connect import Refused, open_session
+from fedlink.protocol.errors import AuthenticationFailed, ProtocolError
 from fedlink.protocol.limits import Limits
-from fedlink.protocol.frames import encode_message
-from fedlink.protocol.messages import ErrorMessage, Hello
-from fedlink.protocol.session import Session, SessionOptions, handshake
+from fedlink.protocol.messages import Hello
+from fedlink.protocol.session import SessionOptions
 from fedlink.protocol.transport import Listener, listen
 
 from .errors import NotEnoughWorkers
 from .remote import RemoteWorker
 
-__all__ = ["WorkerPool"]
+__all__ = ["WorkerPool", "PoolObserver"]
 
 log = logging.getLogger("fedlink.server")
+
+
+class PoolObserver(Protocol):
+    def worker_connected(self, worker: str) -> None: ...
+
+    def worker_disconnected(self, worker: str, reason: str) -> None: ...
+
+    def connection_refused(self, peer: str, reason: str, *, auth: bool = False) -> None: ...
 
 
 class WorkerPool:
@@ -46,6 +59,7 @@ class WorkerPool:
         listen_keyring: Keyring | None = None,
         listen_ssl: ssl.SSLContext | None = None,
         max_connections: int = 1024,
+        observer: PoolObserver | None = None,
     ) -> None:
         self.configured = list(workers)
         self.dialled_in: dict[str, RemoteWorker] = {}
@@ -57,10 +71,13 @@ class WorkerPool:
         self._listen_keyring = listen_keyring
         self._listen_ssl = listen_ssl
         self._max_connections = max_connections
+        # Dial-in ids checked against a token of their own (auth.workers): only they may replace a live session.
+        self._own_tokens = frozenset(listen_keyring.per_peer) if listen_keyring is not None else frozenset()
+        self.observer = observer
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: Listener | None = None
-        self._closing = False
+        self._stop = asyncio.Event()
 
     # -- membership --------------------------------------------------------------------------------------------
 
@@ -71,9 +88,31 @@ class WorkerPool:
     def connected(self) -> list[RemoteWorker]:
         return [w for w in self.all() if w.connected]
 
+    def live(self, worker_id: str) -> RemoteWorker | None:
+        """The connected worker using ``worker_id``, if any."""
+        return next((w for w in self.all() if w.connected and w.name == worker_id), None)
+
+    def _refuse_duplicate(self, peer: Hello, *, newcomer: RemoteWorker | None) -> None:
+        holder = self.live(peer.peer_id)
+        if holder is not None and holder is not newcomer:
+            where = holder.url if not holder.url.startswith("dial-in:") else "a dial-in connection"
+            raise Refused(
+                "duplicate_worker",
+                f"worker id {peer.peer_id!r} is already connected ({where}); every worker needs its own id "
+                "(fl-worker --id NAME)",
+            )
+
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+    def _connected(self, worker: RemoteWorker) -> None:
+        if self.observer is not None:
+            self.observer.worker_connected(worker.name)
+
+    def _disconnected(self, worker: RemoteWorker, reason: str) -> None:
+        if self.observer is not None:
+            self.observer.worker_disconnected(worker.name, reason)
 
     async def wait_for(self, count: int, *, timeout: float) -> list[RemoteWorker]:
         """Wait until ``count`` workers are connected; raise NotEnoughWorkers naming the missing ones if not."""
@@ -89,7 +128,21 @@ class WorkerPool:
             ) from None
         return self.connected()
 
+    async def changed(self) -> None:
+        """Return at the next change of membership (a worker connected or left)."""
+        async with self._changed:
+            await self._changed.wait()
+
     # -- dialling out ------------------------------------------------------------------------------------------
+
+    async def _connect(self, worker: RemoteWorker) -> bool:
+        ok = await worker.connect(
+            hello=self._hello, limits=self._limits, timeout=self._connect_timeout, options=self._options,
+            admit=lambda peer: self._refuse_duplicate(peer, newcomer=worker),
+        )
+        if not ok and isinstance(worker.last_exception, AuthenticationFailed) and self.observer is not None:
+            self.observer.connection_refused(worker.url, worker.last_error, auth=True)
+        return ok
 
     async def start(self) -> None:
         """Dial every configured ``ws://``/``wss://`` worker once, together, then keep each connected.
@@ -97,35 +150,38 @@ class WorkerPool:
         The first attempt is awaited, so the first round sees every worker that was reachable at the start.
         """
         dialled = [w for w in self.configured if w.url.startswith(("ws://", "wss://"))]
-        await asyncio.gather(
-            *(
-                w.connect(hello=self._hello, limits=self._limits, timeout=self._connect_timeout, options=self._options)
-                for w in dialled
-            )
-        )
-        for worker in dialled:
-            self._tasks.append(asyncio.ensure_future(self._keep_connected(worker)))
-
-    async def _keep_connected(self, worker: RemoteWorker) -> None:
-        backoff = Backoff(cap=self._backoff_cap)
-        while not self._closing:
-            ok = await worker.connect(
-                hello=self._hello, limits=self._limits, timeout=self._connect_timeout, options=self._options
-            )
+        first = await asyncio.gather(*(self._connect(w) for w in dialled))
+        for worker, ok in zip(dialled, first):
             if ok:
-                backoff.reset()
-                await self._notify()
-                assert worker.session is not None
-                reason = await worker.session.wait_closed()
-                if self._closing:
-                    return
-                worker.last_error = reason
-                log.warning("lost worker %r (%s): %s; reconnecting", worker.name, worker.url, reason)
-                await self._notify()
-            else:
+                self._connected(worker)
+            self._tasks.append(asyncio.ensure_future(self._keep_connected(worker, connected=ok)))
+
+    async def _keep_connected(self, worker: RemoteWorker, *, connected: bool) -> None:
+        backoff = Backoff(cap=self._backoff_cap)
+        already = connected
+
+        async def serve_once() -> bool:
+            nonlocal already
+            if already:
+                already = False
+            elif not await self._connect(worker):
                 if backoff.attempt == 0:
                     log.warning("cannot reach worker %s: %s; retrying", worker.url, worker.last_error)
-                await asyncio.sleep(backoff.next_delay())
+                return False
+            else:
+                self._connected(worker)
+            await self._notify()
+            assert worker.session is not None
+            reason = await worker.session.wait_closed()
+            if self._stop.is_set():
+                return True
+            worker.last_error = reason
+            log.warning("lost worker %r (%s): %s; reconnecting", worker.name, worker.url, reason)
+            self._disconnected(worker, reason)
+            await self._notify()
+            return True
+
+        await keep_connected(serve_once, stop=self._stop, backoff=backoff)
 
     # -- dialling in -------------------------------------------------------------------------------------------
 
@@ -137,32 +193,28 @@ class WorkerPool:
         log.info("listening for workers on %s", self._listener.url)
         return self._listener.url
 
+    def _admit_dial_in(self, peer: Hello) -> None:
+        if peer.role != "worker":
+            raise Refused("not_a_worker", "only workers may dial in to a coordinator")
+        existing = self.dialled_in.get(peer.peer_id)
+        if existing is not None and existing.connected and peer.peer_id in self._own_tokens:
+            return  # proved its own token: it may replace its earlier session (see the module docstring)
+        self._refuse_duplicate(peer, newcomer=None)
+
     async def _accept(self, channel: Channel) -> None:
         try:
-            peer = await handshake(
+            session = await open_session(
                 channel, self._hello, limits=self._limits, timeout=self._connect_timeout,
-                keyring=self._listen_keyring, initiator=False,
+                keyring=self._listen_keyring, initiator=False, options=self._options, admit=self._admit_dial_in,
+                start=False,
             )
         except ProtocolError as exc:
             log.warning("refused connection from %s: %s", channel.peer, exc)
-            await channel.close(str(exc))
+            if self.observer is not None:
+                self.observer.connection_refused(channel.peer, str(exc), auth=isinstance(exc, AuthenticationFailed))
             return
+        peer = session.peer_hello
         worker = self.dialled_in.get(peer.peer_id)
-        if worker is not None and worker.connected and not self._listen_keyring:
-            problem = (
-                f"worker id {peer.peer_id!r} is already connected; without a token this listener cannot tell "
-                "whether the new connection is the same worker, so it keeps the old one (set auth.token_file "
-                "or auth.workers to let a worker that reconnects replace its old session)"
-            )
-            log.warning("refused connection from %s: %s", channel.peer, problem)
-            try:
-                async with asyncio.timeout(1.0):
-                    await channel.send(encode_message(ErrorMessage(code="duplicate_worker", message=problem)))
-            except (TimeoutError, ProtocolError):
-                pass  # it hears the reason or not; the connection closes either way
-            await channel.close(problem)
-            return
-        session = Session(channel, peer=peer, limits=self._limits, options=self._options)
         if worker is None:
             worker = self.dialled_in[peer.peer_id] = RemoteWorker(f"dial-in:{peer.peer_id}")
         elif worker.connected:
@@ -171,17 +223,20 @@ class WorkerPool:
         session.start()
         worker.attach(session)
         log.info("worker %r dialled in from %s (%d samples)", peer.peer_id, channel.peer, worker.num_samples)
+        self._connected(worker)
         await self._notify()
         reason = await session.wait_closed()
-        if not self._closing:
+        if not self._stop.is_set():
             log.warning("dialled-in worker %r left: %s", peer.peer_id, reason)
             worker.last_error = reason
+            if worker.session is session:
+                self._disconnected(worker, reason)
             await self._notify()
 
     # -- ending ------------------------------------------------------------------------------------------------
 
     async def close(self, reason: str) -> None:
-        self._closing = True
+        self._stop.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

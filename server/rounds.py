@@ -1,80 +1,57 @@
-"""One federated round over connected workers: dispatch, collect in a fixed order, check, aggregate.
+"""One synchronous federated round: select, let the strategy drive its stages, collect the report.
 
-Training requests go out to every selected worker at once; results are then taken in the workers' configured
-order, one transfer at a time, each checked and folded into the strategy's aggregation as soon as it is in. The
-fixed order makes the floating-point sum, and so the run, repeat bit for bit; one transfer at a time bounds the
-coordinator's memory to the global model, the accumulator and one update, whatever the number of workers. The
-coordinator's own link is the bottleneck of a star anyway, so little time is lost.
+The stages themselves live in :mod:`.engine` (how a stage runs), :mod:`.train_stage` (the built-in train stage
+and its ordered fold), :mod:`.evaluate_stage` and :mod:`.plugin_stage`; a strategy's
+:meth:`~fedlink.server.strategy.Strategy.run_round` says which stages a round has.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from fedlink.protocol.errors import ProtocolError
-from fedlink.protocol.messages import ModelSpec, TrainingPlan, TrainRequest, TrainResult
-from fedlink.protocol.session import Inbound
+import torch
+
+from fedlink.protocol.messages import ModelSpec, TrainingPlan
 from fedlink.protocol.tensors import State, StateHeader
 
-from .aggregate import non_finite
-from .errors import InvalidUpdate, NotEnoughWorkers
+from .engine import RoundDriver, RoundObserver, WorkerOutcome
 from .remote import RemoteWorker
-from .strategy import ClientUpdate, Strategy
-
-__all__ = ["RoundObserver", "WorkerOutcome", "RoundReport", "run_round", "derive_seed", "check_result"]
+from .strategy import Strategy
+from .strategy.base import Aggregate, RoundContext
+from .train_stage import check_result, derive_seed
 
 log = logging.getLogger("fedlink.server")
 
-
-def derive_seed(seed: int, *parts: object) -> int:
-    """A 63-bit seed from the run's seed and a path (round, worker...), so every random choice is reproducible."""
-    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
-class RoundObserver(Protocol):
-    def worker_status(self, server_round: int, worker: str, status: str, detail: str = "") -> None: ...
-
-
-@dataclass
-class WorkerOutcome:
-    worker: str
-    status: str  # "ok" or "dropped"
-    reason: str = ""
-    num_samples: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    train_seconds: float = 0.0
+__all__ = ["RoundObserver", "WorkerOutcome", "RoundReport", "run_round", "derive_seed", "check_result", "round_context"]
 
 
 @dataclass
 class RoundReport:
     server_round: int
     state: State
-    outcomes: list[WorkerOutcome]
+    outcomes: list[WorkerOutcome]  # every worker's part in every stage, in stage then worker order
     seconds: float
     wall_seconds: float = 0.0  # set by the coordinator: from the previous round's model to this one's
+    metrics: dict[str, float] = field(default_factory=dict)  # what the strategy reported
+
+    @property
+    def trained(self) -> list[WorkerOutcome]:
+        """The train stage's outcomes, one per selected worker."""
+        return [o for o in self.outcomes if o.stage == "train"]
 
     @property
     def contributed(self) -> list[WorkerOutcome]:
-        return [o for o in self.outcomes if o.status == "ok"]
+        return [o for o in self.trained if o.status == "ok"]
 
 
-def check_result(result: TrainResult, *, request: TrainRequest, max_samples: int) -> None:
-    """Refuse a result that does not answer this request or claims an absurd sample count."""
-    if result.round != request.round or result.task_id != request.task_id:
-        raise InvalidUpdate(f"answer for round {result.round} task {result.task_id!r}, expected {request.task_id!r}")
-    if result.update != request.plan.update:
-        raise InvalidUpdate(f"sent {result.update!r} where {request.plan.update!r} was asked for")
-    if result.num_samples <= 0:
-        raise InvalidUpdate("reports zero samples")
-    if result.num_samples > max_samples:
-        raise InvalidUpdate(f"reports {result.num_samples} samples but its shard holds {max_samples}")
+def round_context(seed: int, server_round: int) -> RoundContext:
+    strategy_seed = derive_seed(seed, server_round, "strategy")
+    return RoundContext(server_round, strategy_seed, torch.Generator().manual_seed(strategy_seed))
 
 
 async def run_round(
@@ -88,89 +65,50 @@ async def run_round(
     plan: TrainingPlan,
     strategy: Strategy,
     seed: int,
-    deadline: float,
+    deadline: float | None = None,
+    timeout: float | None = None,
     min_workers: int,
+    run_id: str = "",
+    concurrent_uploads: int = 4,
+    max_samples: Mapping[str, int] | None = None,
     observer: RoundObserver | None = None,
+    max_update_norm: float = math.inf,
+    max_weight_share: float = 1.0,
+    workflow: Callable[[RoundDriver], Awaitable[Aggregate]] | None = None,
 ) -> RoundReport:
-    """Train ``workers`` for one round and return the aggregated state; raises NotEnoughWorkers below the floor.
+    """Run one round of ``strategy`` over ``workers``; raises NotEnoughWorkers below a stage's floor.
 
-    ``deadline`` is an event-loop time: whatever has not arrived by then is dropped, and late answers are
-    discarded by the session (results carry their round and task id).
+    ``workflow`` replaces the strategy's own round (secure aggregation runs its four stages around the strategy).
+    ``timeout`` is each worker's own budget for a stage, in seconds (``deadline``, an event-loop time, is accepted
+    for callers that think in absolute time and is turned into the same budget).
     """
     started = time.perf_counter()
-    plan = strategy.configure_train(server_round, plan)
-
-    def note(worker: str, status: str, detail: str = "") -> None:
-        if observer is not None:
-            observer.worker_status(server_round, worker, status, detail)
-
-    requests: dict[str, TrainRequest] = {}
-    tasks: dict[str, asyncio.Task[Inbound]] = {}
-    for worker in workers:
-        assert worker.session is not None
-        request = TrainRequest(
-            round=server_round,
-            task_id=f"r{server_round}-{worker.name}",
-            model=model,
-            plan=plan.model_copy(update={"seed": derive_seed(seed, server_round, worker.name)}),
-        )
-        requests[worker.name] = request
-        tasks[worker.name] = asyncio.ensure_future(
-            worker.session.request(request, state=global_state, header=header, timeout=None)
-        )
-        note(worker.name, "training")
-
-    log.info("round %d: training on %d workers (%s)", server_round, len(workers), ", ".join(requests))
-    aggregation = strategy.begin_round(server_round, global_state)
-    outcomes: list[WorkerOutcome] = []
+    if timeout is None:
+        if deadline is None:
+            raise TypeError("run_round needs timeout (seconds per worker) or deadline")
+        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+    log.info("round %d: training on %d workers (%s)", server_round, len(workers), ", ".join(w.name for w in workers))
+    driver = RoundDriver(
+        server_round,
+        workers,
+        global_state=global_state,
+        header=header,
+        update_header=update_header,
+        model=model,
+        plan=strategy.configure_train(server_round, plan),
+        context=round_context(seed, server_round),
+        run_id=run_id,
+        seed=seed,
+        timeout=timeout,
+        min_workers=min_workers,
+        concurrent_uploads=concurrent_uploads,
+        max_samples=max_samples,
+        observer=observer,
+        max_update_norm=max_update_norm,
+        max_weight_share=max_weight_share,
+    )
     try:
-        for worker in workers:
-            outcome = WorkerOutcome(worker=worker.name, status="dropped")
-            outcomes.append(outcome)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    inbound = await tasks[worker.name]
-                    result = inbound.message
-                    assert isinstance(result, TrainResult)
-                    outcome.train_seconds = result.train_seconds
-                    check_result(result, request=requests[worker.name], max_samples=worker.num_samples)
-                    note(worker.name, "uploading")
-                    state = await inbound.fetch(expected=update_header)
-                bad = non_finite(state)
-                if bad:
-                    raise InvalidUpdate(f"NaN or infinite values in {', '.join(bad[:5])}")
-                aggregation.add(
-                    ClientUpdate(
-                        worker=worker.name,
-                        kind=result.update,
-                        num_samples=result.num_samples,
-                        state=state,
-                        metrics=result.metrics,
-                    )
-                )
-                del state
-                outcome.status = "ok"
-                outcome.num_samples = result.num_samples
-                outcome.metrics = dict(result.metrics)
-                note(worker.name, "done", f"loss {result.metrics.get('loss', float('nan')):.4f}")
-            except TimeoutError:
-                outcome.reason = "missed the round deadline (timeouts.round)"
-            except (ProtocolError, InvalidUpdate) as exc:
-                outcome.reason = str(exc)
-            if outcome.status != "ok":
-                log.warning("round %d: dropped worker %r: %s", server_round, worker.name, outcome.reason)
-                note(worker.name, "dropped", outcome.reason)
+        aggregate = await (workflow(driver) if workflow is not None else strategy.run_round(driver))
     finally:
-        for task in tasks.values():
-            task.cancel()
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
-
-    contributed = sum(1 for o in outcomes if o.status == "ok")
-    if contributed < min_workers:
-        reasons = "; ".join(f"{o.worker}: {o.reason}" for o in outcomes if o.status != "ok")
-        raise NotEnoughWorkers(
-            f"round {server_round}: only {contributed} of {len(workers)} workers answered, "
-            f"sampling.min_workers is {min_workers} ({reasons})"
-        )
-    new_state = aggregation.finish()
-    return RoundReport(server_round, new_state, outcomes, time.perf_counter() - started)
+        await driver.end()
+    return RoundReport(server_round, aggregate.state, driver.outcomes, time.perf_counter() - started, metrics=dict(aggregate.metrics))

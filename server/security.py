@@ -4,7 +4,8 @@
   are verified with ``tls.ca`` (the system's CAs without one) and present ``tls.cert``/``tls.key`` when set.
 * Workers that dial in (``listen``) authenticate with ``auth.workers[their id]``, else ``auth.token_file``; the
   listener uses TLS when ``tls.cert``/``tls.key`` are set, and requires client certificates from ``tls.ca`` when
-  ``tls.require_client_cert`` is.
+  ``tls.require_client_cert`` is. Every TLS peer must hold a worker's certificate (its role, see
+  :mod:`fedlink.protocol.tls`), so a certificate of the coordinator's role cannot pose as a worker.
 
 Every file is read here, so a missing or weak token or a broken certificate stops the job before it starts,
 with a :class:`~fedlink.protocol.errors.CredentialsError` naming the file. Secrets are never logged.
@@ -55,10 +56,13 @@ class Security:
             )
         tls = config.tls
         if tls is not None:
-            security.dial_ssl = client_context(ca=tls.ca, cert=tls.cert, key=tls.key)
+            # Both ways the peer must be a worker: a certificate issued to another coordinator (or naming no role,
+            # when ours names one) is refused right after TLS (see fedlink.protocol.tls.peer_role_problem).
+            security.dial_ssl = client_context(ca=tls.ca, cert=tls.cert, key=tls.key, peer_role="worker")
             if config.listen is not None and tls.cert is not None and tls.key is not None:
                 security.listen_ssl = server_context(
-                    cert=tls.cert, key=tls.key, client_ca=tls.ca if tls.require_client_cert else None
+                    cert=tls.cert, key=tls.key, client_ca=tls.ca if tls.require_client_cert else None,
+                    peer_role="worker",
                 )
         security._warn(config)
         return security

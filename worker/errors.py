@@ -4,14 +4,15 @@
 
     WorkerError
     ├── WorkerBusy          another job is running (one job at a time)
-    └── BadRequest          the request cannot be served as asked (wrong state for the model, bad kwargs)
+    ├── BadRequest          the request cannot be served as asked (wrong state for the model, bad kwargs)
+    └── PolicyRefused       the worker operator's policy does not allow it (names the rule and its flag)
 """
 
 from __future__ import annotations
 
 from fedlink.errors import FedlinkError
 
-__all__ = ["WorkerError", "WorkerBusy", "BadRequest"]
+__all__ = ["WorkerError", "WorkerBusy", "BadRequest", "PolicyRefused"]
 
 
 class WorkerError(FedlinkError):
@@ -24,3 +25,7 @@ class WorkerBusy(WorkerError):
 
 class BadRequest(WorkerError):
     code = "bad_request"
+
+
+class PolicyRefused(WorkerError):
+    code = "policy_refused"

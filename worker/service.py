@@ -10,18 +10,25 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from fedlink.errors import ModelError
 from fedlink.factory import ModelAllowList, build_model
+from fedlink.hooks import HookContext, HookError, TrainingHook, build_hooks, hook_inputs
+from fedlink.plugins import PluginAllowList, PluginError, PluginNotAllowed
 from fedlink.protocol.messages import (
     DatasetInfo,
     EvaluateRequest,
     EvaluateResult,
     ModelSpec,
+    StageRequest,
+    StageResult,
     TrainRequest,
     TrainResult,
     UpdateKind,
@@ -30,7 +37,15 @@ from fedlink.protocol.tensors import State, StateHeader, header_of
 from fedlink.shards import Shard
 from fedlink.training import average_gradients, evaluate, make_optimizer, train_local
 
+from fedlink.protocol.limits import Limits
+
+from .budget import budget_active, build_budget, check_kwargs
+from .local_dp import train_private
 from .errors import BadRequest
+from . import secure_stages  # noqa: F401  (registers secure aggregation's built-in stage handlers)
+from .memory import WorkerMemory
+from .policy import PolicyGate, WorkerPolicy
+from .stages import StageContext, StageHandler, parse_payload, resolve_stage
 
 __all__ = ["WorkerService", "expected_header", "make_update"]
 
@@ -74,12 +89,29 @@ class WorkerService:
     """A worker's logic over its shard. Not thread-safe: the daemon runs one job at a time."""
 
     def __init__(
-        self, shard: Shard, *, allow: ModelAllowList, device: str = "cpu", worker_id: str = "worker"
+        self,
+        shard: Shard,
+        *,
+        allow: ModelAllowList,
+        device: str = "cpu",
+        worker_id: str = "worker",
+        plugins: PluginAllowList | None = None,
+        slowdown: float = 1.0,
+        policy: WorkerPolicy | None = None,
+        max_state_bytes: int | None = None,
     ) -> None:
         self.shard = shard
+        # The operator's policy (fl-worker --policy and flags), checked before any of the training pipeline runs.
+        self.gate = PolicyGate(policy or WorkerPolicy(), num_samples=shard.num_samples, allow=allow)
+        self.max_state_bytes = max_state_bytes if max_state_bytes is not None else Limits().max_state_bytes
+        self.max_tensors = Limits().max_tensors
         self.allow = allow
+        self.plugins = plugins or PluginAllowList()
         self.device = torch.device(device)
         self.worker_id = worker_id
+        self.memory = WorkerMemory()
+        # Testing heterogeneity: each job takes ``slowdown`` times as long as it really did (``--slowdown``).
+        self.slowdown = slowdown
         self._x, self._y = shard.to_tensors()
         if self.device.type != "cpu":
             self._x, self._y = self._x.to(self.device), self._y.to(self.device)
@@ -89,24 +121,89 @@ class WorkerService:
             num_samples=self.shard.num_samples, sample_shape=self.shard.sample_shape, x_dtype=self.shard.x_dtype
         )
 
+    @contextmanager
+    def build_limits(self, stop: threading.Event | None = None) -> Iterator[None]:
+        """Model building in this block stops past ``max_state_bytes`` (``--max-state-mb``) or when ``stop`` is set."""
+        if budget_active() and stop is None:
+            yield
+            return
+        with build_budget(max_state_bytes=self.max_state_bytes, max_tensors=self.max_tensors, stop=stop):
+            yield
+
     def check_model(self, spec: ModelSpec) -> StateHeader:
-        """Refuse disallowed factories before anything is imported; returns the state the model expects."""
+        """Refuse disallowed factories before anything is imported, oversized kwargs before anything is built,
+        and a model over this worker's state limit while it is being built on the meta device; returns the
+        state the model expects. Call it off the event loop: a factory may take a while even on meta."""
         self.allow.check(spec.factory)
-        return expected_header(spec, self.allow)
+        check_kwargs(spec.kwargs)
+        with self.build_limits():
+            return expected_header(spec, self.allow)
+
+    def train_header(self, request: TrainRequest) -> StateHeader:
+        """The state a train request must announce: the model's tensors, plus those its plan's hooks take with it
+        (:meth:`fedlink.hooks.TrainingHook.inputs`). Refuses unknown or disallowed hooks before a byte moves."""
+        model = self.check_model(request.model)
+        if not request.plan.hooks:
+            return model
+        try:
+            extra = hook_inputs(
+                [(h.name, h.params) for h in request.plan.hooks],
+                expected_header(request.model, self.allow, "gradients"),
+                self.plugins,
+            )
+        except (HookError, PluginError) as exc:
+            raise BadRequest(str(exc)) from exc
+        if not extra:
+            return model
+        clash = sorted({t.name for t in extra} & {t.name for t in model.tensors})
+        if clash:
+            raise BadRequest(f"training hooks take tensors named like the model's own: {', '.join(clash[:5])}")
+        return StateHeader(tensors=(*model.tensors, *extra))
 
     def _load(self, spec: ModelSpec, state: State) -> nn.Module:
-        model = build_model(spec.factory, spec.kwargs, self.allow)
+        with self.build_limits():
+            model = build_model(spec.factory, spec.kwargs, self.allow)
         try:
             model.load_state_dict(state, strict=True)
         except (RuntimeError, KeyError) as exc:
             raise BadRequest(f"weights do not fit model {spec.factory}: {exc}") from exc
         return model.to(self.device)
 
+    def _hooks(self, request: TrainRequest, context: HookContext) -> list[TrainingHook]:
+        try:
+            return build_hooks([(h.name, h.params) for h in request.plan.hooks], context, self.plugins)
+        except PluginNotAllowed:
+            raise  # carries its own error code, for the coordinator's per-worker report
+        except (HookError, PluginError) as exc:
+            raise BadRequest(str(exc)) from exc
+
     def train(self, request: TrainRequest, state: State, stop: threading.Event | None = None) -> tuple[TrainResult, State]:
         plan = request.plan
         started = time.perf_counter()
+        store = self.memory.run(request.run)
+        model_names = {t.name for t in self.check_model(request.model).tensors}
+        inputs = {name: value for name, value in state.items() if name not in model_names}
+        if inputs:  # what the plan's hooks declared (train_header), beside the model's tensors
+            state = {name: value for name, value in state.items() if name in model_names}
+        context = HookContext(
+            worker_id=self.worker_id,
+            server_round=request.round,
+            generator=torch.Generator().manual_seed(plan.seed),
+            round_state=self.memory.round(request.run, request.round),
+            run_state=store.data,
+            inputs=inputs,
+        )
+        hooks = self._hooks(request, context)
         model = self._load(request.model, state)
-        if plan.update == "gradients":
+        if plan.privacy is not None and plan.privacy.mode == "local":  # DP-SGD replaces the loop (.local_dp)
+            metrics, private = train_private(
+                model, self._x, self._y, plan, run_id=request.run, server_round=request.round, run_state=store.data,
+                max_epsilon=self.gate.policy.max_epsilon, stop=stop,
+            )
+            context.metrics.update(private)
+            trained = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+            update = make_update(plan.update, state, trained)
+        elif plan.update == "gradients":
             update, metrics = average_gradients(
                 model, self._x, self._y, batch_size=plan.batch_size, device=self.device, stop=stop
             )
@@ -128,14 +225,17 @@ class WorkerService:
                 batch_size=plan.batch_size,
                 optimizer=optimizer,
                 seed=plan.seed,
-                grad_clip=plan.grad_clip,
-                proximal_mu=plan.proximal_mu,
+                hooks=hooks,
                 max_steps=plan.max_steps,
                 device=self.device,
                 stop=stop,
             )
             trained = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
             update = make_update(plan.update, state, trained)
+        for hook in hooks:
+            update = hook.transform_update(update)
+        store.fresh = False
+        self._slow_down(time.perf_counter() - started, stop)
         seconds = time.perf_counter() - started
         log.info(
             "round %d task %s: trained %s on %d samples in %.2fs (loss %.4f, accuracy %.4f)",
@@ -146,10 +246,41 @@ class WorkerService:
             task_id=request.task_id,
             update=plan.update,
             num_samples=metrics.num_samples if plan.update != "gradients" else self.shard.num_samples,
-            metrics=metrics.as_dict(),
+            metrics={**metrics.as_dict(), **context.metrics},
             train_seconds=seconds,
         )
         return result, update
+
+    def _slow_down(self, seconds: float, stop: threading.Event | None) -> None:
+        if self.slowdown > 1:
+            (stop or threading.Event()).wait(seconds * (self.slowdown - 1))
+
+    def stage_handler(self, request: StageRequest) -> tuple[StageHandler, StageContext, BaseModel]:
+        """Resolve, instantiate and parse: everything that can refuse a stage before its state moves."""
+        cls = resolve_stage(request.handler, self.plugins)  # PluginNotAllowed carries its own error code
+        parsed = parse_payload(cls.Request, request.payload, what=f"stage {request.stage!r} ({request.handler})")
+        context = StageContext(
+            worker_id=self.worker_id,
+            run_id=request.run,
+            server_round=request.round,
+            stage=request.stage,
+            x=self._x,
+            y=self._y,
+            round_state=self.memory.round(request.run, request.round),
+            run_state=self.memory.run(request.run).data,
+            service=self,
+        )
+        return cls(), context, parsed
+
+    def run_stage(
+        self, handler: StageHandler, context: StageContext, request: StageRequest, parsed: BaseModel,
+        state: State | None, stop: threading.Event | None = None,
+    ) -> tuple[StageResult, State | None]:
+        if stop is not None:
+            context.stop = stop
+        answer, out_state = handler.handle(context, parsed, state)
+        result = StageResult(round=request.round, task_id=request.task_id, payload=answer.model_dump(mode="json"))
+        return result, out_state
 
     def evaluate(self, request: EvaluateRequest, state: State, stop: threading.Event | None = None) -> EvaluateResult:
         model = self._load(request.model, state)

@@ -1,6 +1,6 @@
 """Aggregation strategies, by config name or by dotted path (``my_pkg.module:MyStrategy``).
 
-Streaming (one running sum): fedavg, fedprox, fedavgm, fedadagrad, fedadam, fedyogi. Holding every update of a
+Streaming (one running sum): fedavg, fedprox, fedavgm, fedadagrad, fedadam, fedyogi, scaffold, fednova; asynchronous: fedbuff. Holding every update of a
 round in memory: median, trimmed_mean, krum, multi_krum (see :mod:`.robust`).
 """
 
@@ -16,11 +16,14 @@ from .fedadagrad import FedAdagrad
 from .fedadam import FedAdam
 from .fedavg import FedAvg
 from .fedavgm import FedAvgM
+from .fedbuff import FedBuff
+from .fednova import FedNova
 from .fedprox import FedProx
 from .fedyogi import FedYogi
 from .krum import Krum
 from .median import Median
 from .multi_krum import MultiKrum
+from .scaffold import Scaffold
 from .trimmed_mean import TrimmedMean
 
 __all__ = [
@@ -34,6 +37,9 @@ __all__ = [
     "FedAdagrad",
     "FedAdam",
     "FedYogi",
+    "FedBuff",
+    "Scaffold",
+    "FedNova",
     "Median",
     "TrimmedMean",
     "Krum",
@@ -44,7 +50,9 @@ __all__ = [
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi, Median, TrimmedMean, Krum, MultiKrum)
+    for cls in (
+        FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi, Scaffold, FedNova, FedBuff, Median, TrimmedMean, Krum, MultiKrum
+    )
 }
 
 

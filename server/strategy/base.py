@@ -18,14 +18,54 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
 
 from fedlink.protocol.messages import TrainingPlan, UpdateKind
 from fedlink.protocol.tensors import State
 
 from ..errors import NotEnoughWorkers
 
-__all__ = ["ClientUpdate", "Aggregation", "Strategy", "TooFewUpdates", "check_float", "check_int"]
+if TYPE_CHECKING:
+    from ..engine import RoundDriver
+
+__all__ = [
+    "ClientUpdate",
+    "Aggregate",
+    "Aggregation",
+    "RoundContext",
+    "Strategy",
+    "TooFewUpdates",
+    "as_aggregate",
+    "check_float",
+    "check_int",
+]
+
+
+@dataclass
+class RoundContext:
+    """What a strategy knows about the round it aggregates: its number and a generator seeded for it.
+
+    ``generator`` is derived from the run's seed and the round, so a strategy that draws random numbers (server
+    noise, sampling among updates) repeats exactly and resumes exactly; never use torch's global generator.
+    """
+
+    server_round: int
+    seed: int
+    generator: torch.Generator
+
+
+@dataclass
+class Aggregate:
+    """The result of a round: the next global state, and metrics the strategy wants in ``metrics.jsonl``."""
+
+    state: State
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def as_aggregate(result: "State | Aggregate") -> Aggregate:
+    return result if isinstance(result, Aggregate) else Aggregate(result)
 
 
 @dataclass(frozen=True)
@@ -37,6 +77,7 @@ class ClientUpdate:
     num_samples: int
     state: State
     metrics: dict[str, float] = field(default_factory=dict)
+    staleness: int = 0  # asynchronous training: server updates since the model this update started from
 
 
 class TooFewUpdates(NotEnoughWorkers, ValueError):
@@ -53,8 +94,9 @@ class Aggregation(ABC):
     def add(self, update: ClientUpdate) -> None: ...
 
     @abstractmethod
-    def finish(self) -> State:
-        """The next global state (same tensor names, shapes and dtypes as the current one)."""
+    def finish(self) -> State | Aggregate:
+        """The next global state (same tensor names, shapes and dtypes as the current one), optionally with
+        metrics as an :class:`Aggregate`."""
 
 
 class Strategy(ABC):
@@ -78,6 +120,21 @@ class Strategy(ABC):
 
     @abstractmethod
     def begin_round(self, server_round: int, global_state: State) -> Aggregation: ...
+
+    def start_round(self, context: RoundContext, global_state: State) -> Aggregation:
+        """Open the round's fold; override instead of :meth:`begin_round` to use the round's seeded generator."""
+        return self.begin_round(context.server_round, global_state)
+
+    async def run_round(self, driver: "RoundDriver") -> Aggregate:
+        """The round as a sequence of stages; the default is one train stage folded into :meth:`start_round`.
+
+        Override it (or return a workflow from it) for rounds of several stages: each ``await driver.run(stage)``
+        sends one typed request to every surviving worker, each on its own deadline, and hands back the results
+        and the failures; the survivors only shrink from stage to stage.
+        """
+        aggregation = self.start_round(driver.context, driver.global_state)
+        await driver.run(driver.train_stage(aggregation))
+        return as_aggregate(aggregation.finish())
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume this strategy exactly (tensors allowed); empty when stateless.

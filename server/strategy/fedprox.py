@@ -1,14 +1,14 @@
 """FedProx: FedAvg's aggregation, with each worker's local objective given a proximal term.
 
 Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, "Federated Optimization in Heterogeneous Networks", MLSys 2020.
-Workers minimise ``loss(w) + mu/2 * ||w - w_global||^2`` (``TrainingPlan.proximal_mu``, applied in
-:func:`fedlink.training.train_local`), which keeps heterogeneous workers from drifting far from the global model;
+Workers minimise ``loss(w) + mu/2 * ||w - w_global||^2`` (the worker's ``proximal`` training hook,
+:class:`fedlink.hooks.ProximalHook`), which keeps heterogeneous workers from drifting far from the global model;
 the server averages exactly as FedAvg does. Streaming.
 """
 
 from __future__ import annotations
 
-from fedlink.protocol.messages import TrainingPlan
+from fedlink.protocol.messages import HookSpec, TrainingPlan
 
 from ..errors import ConfigError
 from .base import check_float
@@ -30,4 +30,6 @@ class FedProx(FedAvg):
                 "strategy fedprox needs training.update 'weights' or 'delta': with 'gradients' (FedSGD) the "
                 "workers take no local steps, so the proximal term mu has no effect"
             )
-        return plan.model_copy(update={"proximal_mu": self.mu})
+        if self.mu == 0:
+            return plan
+        return plan.with_hook(HookSpec(name="proximal", params={"mu": self.mu}))

@@ -1,7 +1,9 @@
 """A misbehaving worker process for the fault tests: ``python faulty_worker.py MODE [fl-worker options]``.
 
-MODE is ``nan`` (an update with NaN in it), ``shape`` (a tensor of the wrong shape) or ``signflip`` (the honest
-update sign-flipped around the global model and scaled by 10). Everything else is the real ``fl-worker``.
+MODE is ``nan`` (an update with NaN in it), ``shape`` (a tensor of the wrong shape), ``signflip`` (the honest
+update sign-flipped around the global model and scaled by 10), ``huge`` (every floating-point value 3e38: finite
+float32, with an honest sample count) or ``claim`` (honest training, but 10**18 samples claimed in the hello and in
+every result). Everything else is the real ``fl-worker``.
 """
 
 from __future__ import annotations
@@ -12,13 +14,20 @@ import threading
 import torch
 
 import fedlink.worker.cli as cli
-from fedlink.protocol.messages import TrainRequest, TrainResult
+from fedlink.protocol.messages import DatasetInfo, TrainRequest, TrainResult
 from fedlink.protocol.tensors import State
 from fedlink.worker.service import WorkerService
 
 
+CLAIM = 10**18
+
+
 class FaultyService(WorkerService):
     mode = "nan"
+
+    def dataset_info(self) -> DatasetInfo:
+        info = super().dataset_info()
+        return info.model_copy(update={"num_samples": CLAIM}) if self.mode == "claim" else info
 
     def train(self, request: TrainRequest, state: State, stop: threading.Event | None = None) -> tuple[TrainResult, State]:
         result, update = super().train(request, state, stop)
@@ -32,6 +41,10 @@ class FaultyService(WorkerService):
             update = {
                 k: (state[k] - 10 * (v - state[k])) if v.is_floating_point() else v for k, v in update.items()
             }
+        elif self.mode == "huge":
+            update = {k: torch.full_like(v, 3e38) if v.is_floating_point() else v for k, v in update.items()}
+        elif self.mode == "claim":
+            result = result.model_copy(update={"num_samples": CLAIM})
         return result, update
 
 

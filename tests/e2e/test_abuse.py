@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
+from fedlink.protocol.auth import new_token
 from fedlink.protocol.frames import encode_message
 from fedlink.protocol.messages import AuthChallenge, AuthProof, Hello
 from fedlink.server.config import parse_config
@@ -184,12 +185,14 @@ class AttackDuringRoundOne(Progress):
 
 def test_flooded_worker_stays_up_and_the_job_is_byte_identical(digit_shards: tuple[list[Path], Path], tmp_path: Path) -> None:
     token = tmp_path / "token"
-    token.write_text("abuse-test-token-" + "z" * 24)
+    token.write_text(new_token())
     token.chmod(0o600)
     workers = start_workers(
         digit_shards[0],
+        # Attacker and coordinator share loopback: the per-address cap (tested in test_preauth.py) is lifted to
+        # the global one, so that every kind of attack here reaches the worker.
         extra_args=["--threads", "1", "--token-file", str(token), "--handshake-timeout", "1",
-                    "--max-connections", str(MAX_CONNECTIONS)],
+                    "--max-connections", str(MAX_CONNECTIONS), "--max-connections-per-address", str(MAX_CONNECTIONS)],
     )
     try:
         urls = [w.url for w in workers]

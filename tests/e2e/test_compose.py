@@ -104,9 +104,13 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
 
 
+FEDLINK_IMAGE = "fedlink-demo:latest"
+
+
 @pytest.fixture(scope="module")
 def services(compose: dict[str, Any]) -> dict[str, Service]:
-    return {name: Service(name, spec) for name, spec in compose["services"].items()}
+    """The services that run fedlink's image; Prometheus and Grafana are checked in test_monitoring_compose.py."""
+    return {name: Service(name, spec) for name, spec in compose["services"].items() if spec.get("image") == FEDLINK_IMAGE}
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +233,12 @@ def test_a_bad_command_is_caught() -> None:
 # --- the compose file, the image and the coordinator's config agree ----------------------------------------------
 
 
-def test_one_image_for_every_service(services: dict[str, Service]) -> None:
-    images = {s.spec.get("image") for s in services.values()}
-    assert len(images) == 1 and None not in images, f"every service runs the same image, not {images}"
+def test_one_image_for_every_service(compose: dict[str, Any], services: dict[str, Service]) -> None:
+    others = {name: spec.get("image") for name, spec in compose["services"].items() if name not in services}
+    assert set(others) == {"prometheus", "grafana"}, f"only the monitoring services run another image: {others}"
+    assert all(re.fullmatch(r"(prom/prometheus|grafana/grafana):v?\d+\.\d+\.\d+", str(i)) for i in others.values()), (
+        f"monitoring images are pinned to a release: {others}"
+    )
     builds = {str(s.spec.get("build")) for s in services.values() if "build" in s.spec}
     assert builds == {"."}, "the image is built from the repository's Dockerfile"
 
@@ -472,7 +479,9 @@ def test_compose_commands_train_on_loopback(
             assert data.is_file(), f"{name}: the data step left no {data}"
             processes.append(
                 spawn_worker(data, host="127.0.0.1", port=0, log_path=logs / f"{name}.log",
-                             extra_args=_host_command(_without_options(args, {"--data", "--host", "--port"}), service, volumes))
+                             extra_args=[*_host_command(_without_options(args, {"--data", "--host", "--port", "--metrics-host",
+                                                                                  "--metrics-port"}), service, volumes),
+                                         "--metrics-port", "0"])
             )
         for name, process in zip(workers, processes):
             started[name] = wait_ready(process, timeout=60)
@@ -489,6 +498,7 @@ def test_compose_commands_train_on_loopback(
         raw["tls"] = {key: str(coordinator.host_path(path, volumes)) for key, path in raw["tls"].items()}
         raw["evaluation"]["data"] = str(coordinator.host_path(raw["evaluation"]["data"], volumes))
         raw["output"] = str(coordinator.host_path(raw["output"], volumes))
+        raw["metrics"] = {**raw["metrics"], "host": "127.0.0.1", "port": 0}  # three runs at once must not collide
         local_config = tmp_path / "config.yaml"
         local_config.write_text(yaml.safe_dump(raw), encoding="utf-8")
         config = load_config(local_config)
@@ -497,6 +507,7 @@ def test_compose_commands_train_on_loopback(
         assert command != coordinator.command, "the config path appears verbatim in the coordinator's command"
         run = subprocess.run([str(bin_dir / command[0]), *command[1:]], capture_output=True, text=True, timeout=90)
         assert run.returncode == 0, f"fl-coordinator failed:\n{run.stderr[-4000:]}"
+        assert re.search(r"^metrics: http://127\.0\.0\.1:\d+/metrics$", run.stderr, re.M), "no metrics endpoint announced"
     finally:
         _stop([spawned.process for spawned in processes])
 

@@ -29,3 +29,21 @@ def test_demo_trains_above_90_percent_and_stops_its_workers(tmp_path: Path) -> N
         except OSError:
             continue
         assert not shards.intersection(arg.decode(errors="replace") for arg in cmdline), f"stray worker {pid}"
+
+
+def test_demo_live_table_has_one_row_per_worker_named_by_its_id(tmp_path: Path) -> None:
+    """Rows appear as workers connect, under their hello ids; never a second row under the URL that was dialled."""
+    import re
+
+    from rich.console import Console
+
+    from fedlink.server.demo import run_demo
+    from fedlink.server.progress import LiveProgress
+
+    console = Console(record=True, force_terminal=True, width=160, file=open(os.devnull, "w"))  # noqa: SIM115
+    run_demo(tmp_path / "demo", rounds=1, progress=LiveProgress(console))
+    text = console.export_text()
+    final = text[text.rindex("round 1"):]  # the last drawing of the worker table
+    rows = re.findall(r"^\W*(worker-\d+|ws://\S+)\s", final, flags=re.MULTILINE)
+    assert sorted(rows) == ["worker-0", "worker-1", "worker-2"], final
+    assert "ws://" not in final

@@ -24,7 +24,7 @@ def test_200_mb_state_goes_through_a_round(digit_shards: tuple[list[Path], Path]
                 "workers": [w.url for w in workers],
                 "rounds": 1,
                 "sampling": {"min_workers": 2},
-                "training": {"max_steps": 1, "batch_size": 8, "optimizer": {"lr": 0.01}},
+                "training": {"max_steps": 1, "batch_size": 16, "optimizer": {"lr": 0.01}},
                 "output": str(tmp_path / "run"),
             }
         )

@@ -37,7 +37,7 @@ def _kill_during_round(config: Path, server_round: int) -> subprocess.Popen[byte
         chunk = process.stderr.read1(65536) if ready else b""  # type: ignore[attr-defined]
         assert chunk, f"coordinator ended before round {server_round}: {seen.decode()[-2000:]}"
         seen += chunk
-    time.sleep(0.5)  # well inside the round: the workers are training
+    # The round's requests are out: the workers are training, the round is open; kill the coordinator now.
     process.kill()
     process.wait()
     return process

@@ -21,7 +21,7 @@ import torch
 from websockets.asyncio.client import connect
 
 from fedlink.models import mlp
-from fedlink.protocol.auth import Keyring, secret_from_file
+from fedlink.protocol.auth import Keyring, new_token, secret_from_file
 from fedlink.protocol.channel import Channel
 from fedlink.protocol.errors import AuthenticationFailed, HandshakeFailed, RemoteError
 from fedlink.protocol.frames import decode_frame
@@ -212,7 +212,7 @@ def test_token_from_the_environment_and_a_clear_mismatch_on_both_sides(
 def test_both_token_sources_at_once_are_refused(digit_shards: tuple[list[Path], Path], pki: Path) -> None:
     done = subprocess.run(
         [*worker_command(), "--data", str(digit_shards[0][0]), "--port", "0", "--token-file", str(pki / "w1" / "token")],
-        env={**os.environ, "FEDLINK_TOKEN": "x" * 32}, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "FEDLINK_TOKEN": new_token()}, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2 and done.stdout == "" and "not both" in done.stderr
 

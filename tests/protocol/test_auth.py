@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from fedlink.protocol.auth import (
     new_token,
     secret_from_env,
     secret_from_file,
+    token_weakness,
     transcript,
 )
 from fedlink.protocol.errors import CredentialsError, MalformedFrame
@@ -29,16 +29,16 @@ from fedlink.protocol.frames import decode_frame, encode_message
 from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import AuthChallenge, AuthProof, Hello
 
-TOKEN = b"correct horse battery staple"
+TOKEN = b"GZYyhAyxnQkAIvu6ofMLPBWAbRlP13M43fHTUf3-Ong"  # secrets.token_urlsafe(32), drawn once
 COORDINATOR_HELLO = b"\x01\x81\xa1v\x01"  # stand-ins: the transcript hashes whatever bytes were sent
 WORKER_HELLO = b"\x01\x81\xa1v\x02"
 COORDINATOR_NONCE = bytes(range(32))
 WORKER_NONCE = bytes(range(32, 64))
 
 # Computed independently with hmac/hashlib from the formulas in fedlink.protocol.auth's docstring.
-KEY = "9836b29d943e87fff7147bf2e34eb94919d54e0f68a614c13c4e86f05cac5481"
-COORDINATOR_PROOF = "b2e269aa143355c3ec5f0a86afa51f97f4cdbd8259e6701c0c96eeb93f4312e2"
-WORKER_PROOF = "d5f135a3de3cdef3e4847a77d41539152c07153aa7a4adb71d1dc595b16f28f7"
+KEY = "3f36baeb8f3a09d4fc4e417df8941ce3ef1ee1be7ac1c63c9278c01c10bc73ce"
+COORDINATOR_PROOF = "db6744b217d6bcca4163baf493a0f8dd2b005cd5741557043e69dc9e8d57db84"
+WORKER_PROOF = "3639606e83bf1829a782f5dbcdb9b6cdbd355c2c45c21dfad5ba55a59be4006f"
 
 
 def _transcript() -> bytes:
@@ -132,6 +132,8 @@ def test_unusable_token_files_are_refused_naming_them(tmp_path: Path) -> None:
     big.write_bytes(b"x" * (MAX_TOKEN_BYTES + 1))
     empty = tmp_path / "empty"
     empty.write_bytes(b"\n")
+    for path in (big, empty):
+        path.chmod(0o600)
     for path, words in [
         (tmp_path / "missing", "cannot read"),
         (tmp_path, "cannot read|not a regular file"),
@@ -143,18 +145,17 @@ def test_unusable_token_files_are_refused_naming_them(tmp_path: Path) -> None:
         assert str(path) in str(refused.value)
 
 
-def test_token_file_readable_by_others_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602])
+def test_token_file_open_to_others_is_refused_with_the_chmod_to_run(tmp_path: Path, mode: int) -> None:
     path = tmp_path / "token"
     path.write_bytes(TOKEN)
-    path.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="fedlink.protocol.auth"):
+    path.chmod(mode)
+    with pytest.raises(CredentialsError) as refused:
         secret_from_file(path)
-    assert "chmod 600" in caplog.text and TOKEN.decode() not in caplog.text
-    caplog.clear()
+    assert f"run `chmod 600 {path}`" in str(refused.value) and f"mode {mode:o}" in str(refused.value)
+    assert TOKEN.decode() not in str(refused.value)
     path.chmod(0o600)
-    with caplog.at_level(logging.WARNING, logger="fedlink.protocol.auth"):
-        secret_from_file(path)
-    assert caplog.text == ""
+    assert secret_from_file(path).key == bytes.fromhex(KEY)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
@@ -167,8 +168,8 @@ def test_unreadable_token_file(tmp_path: Path) -> None:
 
 
 def test_keyring_per_peer_secret_excludes_the_shared_one() -> None:
-    shared = Secret.from_token(b"s" * 20, origin="shared")
-    own = Secret.from_token(b"o" * 20, origin="own")
+    shared = Secret.from_token(new_token().encode(), origin="shared")
+    own = Secret.from_token(new_token().encode(), origin="own")
     ring = Keyring(shared=shared, per_peer={"w1": own})
     assert ring.for_peer("w1") is own and ring.for_peer("w2") is shared
     assert Keyring(per_peer={"w1": own}).for_peer("w2") is None
@@ -215,3 +216,30 @@ def test_hello_says_whether_auth_is_required_and_stays_the_same_without() -> Non
 def test_malformed_auth_messages(body: dict[str, object]) -> None:
     with pytest.raises(MalformedFrame):
         decode_frame(b"\x01" + msgpack.packb(body), Limits())
+
+
+@pytest.mark.parametrize(
+    ("token", "words"),
+    [
+        (b"x" * 16, "16 bytes long"),
+        (b"a" * 64, "repeat too much"),
+        (b"abuse-test-token-" + b"z" * 24, "repeat too much"),
+        (b"ab" * 32, "repeat too much"),
+        (b"0123456789abcdef0123456789abcdef", "consecutive"),
+        (b"abcdefghijklmnopqrstuvwxyz012345", "consecutive"),
+        (b"Kq8-vL2mZr5xTn0wPj7c" * 2, "repeats a pattern"),
+        (b"10110100101101001011010010110100", "alphabet of 10"),
+    ],
+)
+def test_weak_tokens_are_refused_saying_why(token: bytes, words: str) -> None:
+    assert token_weakness(token) is not None and words in (token_weakness(token) or "")
+    with pytest.raises(CredentialsError, match=f"too weak: .*{words}.*secrets.token_urlsafe"):
+        Secret.from_token(token, origin="$FEDLINK_TOKEN")
+
+
+def test_generated_tokens_pass_the_rule() -> None:
+    import secrets
+
+    for _ in range(2000):  # random tokens fail rules 3-4 with a probability far below 1e-6 each
+        for token in (new_token(), secrets.token_hex(16), secrets.token_hex(32), secrets.token_urlsafe(24)):
+            assert token_weakness(token.encode()) is None, token

@@ -1,7 +1,7 @@
 """Fuzzing the handshake and the decoding of its messages: only fedlink's protocol errors escape.
 
 The targets and strategies are those of ``bench/fuzz.py`` (see its docstring for what each checks); CI runs about
-500 inputs, ``-m slow`` the full campaign of 105,000. The generic decoder fuzzing of every message type is in
+650 inputs, ``-m slow`` the full campaign of 105,000. The generic decoder fuzzing of every message type is in
 ``test_frames.py``.
 """
 
@@ -28,7 +28,7 @@ def _load() -> ModuleType:
 
 fuzz = _load()
 
-CI = {"decode": 150, "scripted": 200, "tampered": 150}
+CI = {"decode": 150, "preauth": 150, "scripted": 200, "tampered": 150}
 FULL = 105_000
 
 
@@ -51,6 +51,8 @@ def test_fuzz_full_campaign(capsys: pytest.CaptureFixture[str]) -> None:
 def test_the_targets_see_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     """The harness is not vacuous: outcomes are as expected, and a broken check or decoder is caught."""
     assert fuzz.decode_target(b"\x07") == "MalformedFrame"
+    assert fuzz.preauth_target(b"\x01" + b"\x00" * 9000) == "LimitExceeded"
+    assert fuzz.preauth_target(b"\x01\xdc\x00\x41" + b"\x90" * 65) == "MalformedFrame", "65 arrays: over the bound"
     assert fuzz.scripted_target([b"\x01\xc1"], "worker", "token", False) == "HandshakeFailed"
     assert fuzz.tampered_target("token", "token", True, True, 0, []) == "ok / ok"
     assert fuzz.tampered_target("token", "other", True, True, 0, []) == "AuthenticationFailed / AuthenticationFailed"

@@ -22,8 +22,8 @@ COORDINATOR = Hello(role="coordinator", peer_id="c1")
 WORKER = Hello(role="worker", peer_id="w1")
 LIMITS = Limits()
 WAIT = 5.0
-TOKEN = b"the-shared-token-0123456789"
-OTHER = b"another-token-9876543210xyz"
+TOKEN = b"tbfN_3933M82iiJ_3YwEWobnHMV4SyS00sVW1JCNWsw"  # secrets.token_urlsafe(32), drawn once
+OTHER = b"ppQMqwWCqh0R36YfNCqYhkl0b2C-OjwgYnAbO3WhLUM"
 
 
 def ring(token: bytes = TOKEN) -> Keyring:

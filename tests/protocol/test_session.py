@@ -840,7 +840,9 @@ async def test_concurrent_requests_get_matching_replies() -> None:
         state = await inbound.fetch(timeout=WAIT)
         await session.reply(inbound, result_for(inbound.message), state={"echo": state["x"] * 2})
 
-    async with sessions(handler_b=handler, options_b=SessionOptions(heartbeat_interval=0, inbound_slots=4)) as pair:
+    # b answers all 20 before a pulls any: b must be allowed to hold them all (the default holds 4 results).
+    options_b = SessionOptions(heartbeat_interval=0, inbound_slots=4, max_outbound=count)
+    async with sessions(handler_b=handler, options_b=options_b) as pair:
         async def one(i: int) -> tuple[str, torch.Tensor]:
             answer = await pair.a.request(train(str(i), round=i), state={"x": torch.full((100,), float(i))}, timeout=WAIT)
             assert isinstance(answer.message, TrainResult) and answer.message.round == i

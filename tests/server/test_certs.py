@@ -9,9 +9,11 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fedlink.protocol.auth import Secret
+from fedlink.protocol.tls import ROLE_URI, client_context, peer_role_problem, roles_of, server_context
 from fedlink.server.certs import Machine, parse_names, write_certs
 from fedlink.server.cli import main
 
@@ -83,3 +85,40 @@ def test_bad_hosts_are_refused(tmp_path: Path, args: list[str], words: str) -> N
 def test_write_certs_uses_ec_keys(tmp_path: Path) -> None:
     write_certs(tmp_path, hosts=[parse_names("h")], coordinator=Machine(("localhost",)))
     assert isinstance(_cert(tmp_path / "h" / "cert.pem").public_key(), ec.EllipticCurvePublicKey)
+
+
+def test_each_certificate_names_its_role(tmp_path: Path) -> None:
+    """Workers' certificates say ``worker``, the coordinator's says ``coordinator`` (a SAN URI both sides check)."""
+    out = tmp_path / "pki"
+    _run("--out", str(out), "--host", "worker-1", "--host", "worker-2")
+    for folder, role in (("worker-1", "worker"), ("worker-2", "worker"), ("coordinator", "coordinator")):
+        san = _cert(out / folder / "cert.pem").extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [ROLE_URI.format(role=role)], folder
+        assert roles_of(_cert(out / folder / "cert.pem").public_bytes(Encoding.DER)) == {role}
+
+
+def test_the_role_check_of_each_side(tmp_path: Path) -> None:
+    out = tmp_path / "pki"
+    write_certs(out, hosts=[Machine(("w1", "127.0.0.1"))], coordinator=Machine(("localhost",)))
+    der = {name: _cert(out / name / "cert.pem").public_bytes(Encoding.DER) for name in ("w1", "coordinator")}
+    worker_side = server_context(cert=out / "w1" / "cert.pem", key=out / "w1" / "key.pem", client_ca=out / "ca" / "ca.pem",
+                                 peer_role="coordinator")
+    assert peer_role_problem(worker_side, der["coordinator"]) is None
+    assert "is a worker's, not a coordinator's" in (peer_role_problem(worker_side, der["w1"]) or "")
+    assert peer_role_problem(worker_side, None) is None, "no client certificate: TLS itself decides"
+    coordinator_side = client_context(ca=out / "ca" / "ca.pem", cert=out / "coordinator" / "cert.pem",
+                                      key=out / "coordinator" / "key.pem", peer_role="worker")
+    assert peer_role_problem(coordinator_side, der["w1"]) is None
+    assert "not a worker's" in (peer_role_problem(coordinator_side, der["coordinator"]) or "")
+    # A certificate without any role (another PKI) is refused only by a side whose own certificate has one.
+    foreign = _foreign_der()
+    assert "names no fedlink role" in (peer_role_problem(coordinator_side, foreign) or "")
+    assert peer_role_problem(client_context(ca=out / "ca" / "ca.pem", peer_role="worker"), foreign) is None
+    assert peer_role_problem(client_context(ca=out / "ca" / "ca.pem"), der["coordinator"]) is None, "no role asked"
+
+
+def _foreign_der() -> bytes:
+    from fedlink.server.certs import make_ca
+
+    _, cert = make_ca(common_name="another CA")
+    return cert.public_bytes(Encoding.DER)

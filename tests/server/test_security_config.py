@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fedlink.protocol.auth import Keyring, Secret
+from fedlink.protocol.auth import Keyring, Secret, new_token
 from fedlink.protocol.channel import memory_pair
 from fedlink.protocol.errors import AuthenticationFailed, CredentialsError
 from fedlink.protocol.limits import Limits
@@ -26,7 +26,7 @@ from fedlink.server.pool import WorkerPool
 from fedlink.server.security import Security
 
 MINIMAL: dict[str, Any] = {"name": "t", "model": {"factory": "fedlink.models:mlp"}, "rounds": 1}
-TOKEN = "a-token-of-enough-length-123456"
+TOKEN = "Vt3Rk9qHxA0mZcL7wYpE2sNfGu5JdBo8iKyQ1rXhT4e"  # secrets.token_urlsafe(32), drawn once
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ async def test_authenticating_listener_lets_only_the_token_holder_replace_a_sess
     first_task, _, first = await _dial_in(pool, "w1", TOKEN)
     assert isinstance(first, Hello)
     session = pool.dialled_in["w1"].session
-    impostor_task, _, impostor = await _dial_in(pool, "w1", "some-other-token-of-length-32")
+    impostor_task, _, impostor = await _dial_in(pool, "w1", new_token())
     assert isinstance(impostor, AuthenticationFailed)
     await asyncio.wait_for(impostor_task, 5)
     assert pool.dialled_in["w1"].session is session and not session.closed

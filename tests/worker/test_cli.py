@@ -115,7 +115,7 @@ def test_sigterm_during_training_exits_0_promptly(digit_shards: tuple[list[Path]
 async def _start_long_job_then_terminate(url: str, process: subprocess.Popen[bytes]) -> None:
     session, channel = await _coordinator_session(url)
     state = _state()
-    job = TrainRequest(round=1, task_id="t", model=MLP, plan=TrainingPlan(epochs=10_000, batch_size=2))
+    job = TrainRequest(round=1, task_id="t", model=MLP, plan=TrainingPlan(epochs=10_000, batch_size=16))
     pending = asyncio.ensure_future(session.request(job, state=state, timeout=120))
     # Once the weights have left, the worker is training.
     while session.counters.bytes_out < sum(t.nbytes for t in state.values()):

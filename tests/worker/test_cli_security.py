@@ -27,6 +27,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["--connect", "ws://127.0.0.1:1", "--tls-ca", "{pki}/w1/ca.pem"], "need a wss:// coordinator URL"),
         (["--token-file", "{pki}/missing"], "cannot read token file"),
         (["--tls-cert", "{pki}/w1/cert.pem", "--tls-key", "{pki}/coordinator/key.pem"], "does the key belong"),
+        (["--id", "lab[/x]"], "'lab[/x]' is not a valid worker id: use 1 to 128 characters"),
+        (["--id", "a\nb"], "is not a valid worker id"),
+        (["--max-connections-per-address", "0"], "--max-connections-per-address"),
     ],
 )
 def test_refused_before_anything_is_loaded(pki: Path, args: list[str], words: str) -> None:
@@ -37,7 +40,7 @@ def test_refused_before_anything_is_loaded(pki: Path, args: list[str], words: st
 
 def test_a_short_token_in_the_environment_is_refused(pki: Path) -> None:
     result = CliRunner().invoke(cli.main, ["--data", "/nonexistent.npy"], env={"FEDLINK_TOKEN": "pass"})
-    assert result.exit_code != 0 and "$FEDLINK_TOKEN is 4 bytes long" in result.output and "pass\n" not in result.output
+    assert result.exit_code != 0 and "$FEDLINK_TOKEN is too weak: 4 bytes long" in result.output and "pass\n" not in result.output
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, **kwargs: object) -> str:

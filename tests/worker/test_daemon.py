@@ -26,6 +26,7 @@ from fedlink.server.inmemory import connect_in_memory
 from fedlink.server.remote import RemoteWorker
 from fedlink.shards import load_shard
 from fedlink.worker.daemon import WorkerDaemon
+from fedlink.worker.events import DaemonEvents
 from fedlink.worker.service import WorkerService
 
 MLP = ModelSpec(factory="fedlink.models:mlp", kwargs={"in_features": 64, "hidden": 16, "num_classes": 10})
@@ -37,8 +38,20 @@ def _state() -> dict[str, torch.Tensor]:
     return dict(mlp(in_features=64, hidden=16, num_classes=10).state_dict())
 
 
-async def _worker(shard: Path) -> tuple[WorkerDaemon, RemoteWorker, asyncio.Task[None]]:
+class JobStarts(DaemonEvents):
+    """Sets ``started`` when the daemon starts a job: by then it holds its job lock (no await in between)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    def job_started(self, kind: str) -> None:
+        self.started.set()
+
+
+async def _worker(shard: Path, events: DaemonEvents | None = None) -> tuple[WorkerDaemon, RemoteWorker, asyncio.Task[None]]:
     daemon = WorkerDaemon(WorkerService(load_shard(shard), allow=ModelAllowList(), worker_id="w0"))
+    if events is not None:
+        daemon.events = events
     remote, served = await connect_in_memory(daemon, hello=HELLO)
     return daemon, remote, served
 
@@ -69,9 +82,10 @@ async def test_second_job_is_refused_busy_before_its_weights_move(digit_shards: 
     _, remote, served = await _worker(digit_shards[0][0])
     session = remote.session
     assert session is not None
-    slow = TrainRequest(round=1, task_id="slow", model=MLP, plan=TrainingPlan(epochs=40, batch_size=8))
+    slow = TrainRequest(round=1, task_id="slow", model=MLP, plan=TrainingPlan(epochs=40, batch_size=16))
     first = asyncio.ensure_future(session.request(slow, state=_state(), timeout=120))
-    # Wait until the worker has pulled the first job's weights: then it is certainly busy.
+    # Wait until the worker has pulled the first job's weights: then it is certainly busy, and the byte count
+    # below measures the second request alone.
     while session.counters.bytes_out < sum(t.nbytes for t in _state().values()):
         await asyncio.sleep(0.01)
     sent_before = session.counters.bytes_out
@@ -137,12 +151,12 @@ async def test_evaluate(digit_shards: tuple[list[Path], Path]) -> None:
 
 
 async def test_stop_ends_a_running_job_and_closes_sessions(digit_shards: tuple[list[Path], Path]) -> None:
-    daemon, remote, served = await _worker(digit_shards[0][0])
+    events = JobStarts()
+    daemon, remote, served = await _worker(digit_shards[0][0], events)
     assert remote.session is not None
-    long_job = TrainRequest(round=1, task_id="long", model=MLP, plan=TrainingPlan(epochs=10_000, batch_size=4))
+    long_job = TrainRequest(round=1, task_id="long", model=MLP, plan=TrainingPlan(epochs=10_000, batch_size=16))
     pending = asyncio.ensure_future(remote.session.request(long_job, state=_state(), timeout=120))
-    while not daemon._job.locked():
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(events.started.wait(), 30)
     await asyncio.wait_for(daemon.stop(), 30)
     with pytest.raises(Exception):
         await pending

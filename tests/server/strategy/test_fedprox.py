@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlink.protocol.messages import TrainingPlan
+from fedlink.protocol.messages import HookSpec, TrainingPlan
 from fedlink.server.errors import ConfigError
 from fedlink.server.strategy import FedAvg, FedProx
 
@@ -13,9 +13,10 @@ from fedlink.server.strategy import FedAvg, FedProx
 def test_configure_train_sets_mu_and_nothing_else() -> None:
     plan = TrainingPlan(epochs=3, batch_size=16, update="delta")
     sent = FedProx(mu=0.01).configure_train(1, plan)
-    assert sent.proximal_mu == 0.01
-    assert sent.model_copy(update={"proximal_mu": 0.0}) == plan
-    assert plan.proximal_mu == 0.0  # the plan is frozen; the caller's copy is untouched
+    assert sent.hooks == (HookSpec(name="proximal", params={"mu": 0.01}),)
+    assert sent.model_copy(update={"hooks": ()}) == plan
+    assert plan.hooks == ()  # the plan is frozen; the caller's copy is untouched
+    assert FedProx(mu=0).configure_train(1, plan) == plan  # mu 0 is plain FedAvg: no hook to run
 
 
 def test_aggregates_exactly_like_fedavg(fold, f64) -> None:

@@ -15,6 +15,7 @@ from fedlink.server.strategy import (
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedBuff,
     FedProx,
     FedYogi,
     Krum,
@@ -28,7 +29,7 @@ from fedlink.server.strategy import (
 def test_every_strategy_is_registered_under_its_name() -> None:
     expected = {
         "fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadagrad": FedAdagrad, "fedadam": FedAdam,
-        "fedyogi": FedYogi, "median": Median, "trimmed_mean": TrimmedMean, "krum": Krum, "multi_krum": MultiKrum,
+        "fedyogi": FedYogi, "fedbuff": FedBuff, "median": Median, "trimmed_mean": TrimmedMean, "krum": Krum, "multi_krum": MultiKrum,
     }  # fmt: skip
     assert STRATEGIES == expected
     assert all(cls.name == name for name, cls in STRATEGIES.items())

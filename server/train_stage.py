@@ -1,0 +1,201 @@
+"""The built-in train stage: every selected worker trains on the global state; updates fold in configured order.
+
+Each worker's answer is checked the moment it arrives (does it answer this request, with a plausible sample
+count?); its update is then pulled as soon as :class:`~.fold.OrderedFold` admits it (at most
+``limits.concurrent_uploads`` updates in flight or waiting), checked for non-finite values and folded into the
+strategy's aggregation when its turn in the configured order comes. The worker's deadline covers its training
+and its upload; time spent waiting for a place to upload is the coordinator's doing and is added back.
+
+A worker cannot poison the round with magnitude or with its sample count. An update whose L2 norm (float64,
+over its floating-point tensors) exceeds ``limits.max_update_norm`` is refused, naming the worker and the norm;
+one that would still overflow the running sum is refused by the fold itself (:class:`~.aggregate.WeightedSum`),
+leaving the sum as it was. The weight an update gets is its reported sample count capped by what the operator
+allows (:func:`fold_weights`): the worker's hello, its ``max_samples`` in the config, what the plan can train on,
+and ``sampling.max_weight_share``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+
+from fedlink.protocol.messages import ModelSpec, TrainingPlan, TrainRequest, TrainResult
+from fedlink.protocol.session import Inbound
+from fedlink.protocol.tensors import State, StateHeader
+
+from .aggregate import AccumulatorOverflow, non_finite, update_norm
+from .engine import RoundObserver, Stage, StageCall, WorkerOutcome
+from .errors import InvalidUpdate
+from .fold import OrderedFold
+from .remote import RemoteWorker
+from .strategy import Aggregation, ClientUpdate
+
+__all__ = ["TrainStage", "check_result", "derive_seed", "share_cap", "fold_weights"]
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed from the run's seed and a path (round, worker...), so every random choice is reproducible."""
+    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def check_result(result: TrainResult, *, request: TrainRequest, max_samples: int) -> None:
+    """Refuse a result that does not answer this request or claims an absurd sample count."""
+    if result.round != request.round or result.task_id != request.task_id:
+        raise InvalidUpdate(f"answer for round {result.round} task {result.task_id!r}, expected {request.task_id!r}")
+    if result.update != request.plan.update:
+        raise InvalidUpdate(f"sent {result.update!r} where {request.plan.update!r} was asked for")
+    if result.num_samples <= 0:
+        raise InvalidUpdate("reports zero samples")
+    if result.num_samples > max_samples:
+        raise InvalidUpdate(f"reports {result.num_samples} samples but its shard holds {max_samples}")
+
+
+def share_cap(counts: Sequence[float], share: float) -> float:
+    """The weight cap ``c`` under which no worker has more than ``share`` of the total of ``min(count, c)``.
+
+    Water-filling: the largest counts are lowered to a common ``c`` with ``c = share * sum(min(count, c))``. The
+    rule applies only when it can be met without equal weights for all, i.e. with more than ``1 / share`` workers
+    (three or more for 0.5); otherwise, and when no count is above its share, the cap is infinite.
+    """
+    n = len(counts)
+    if share >= 1 or n * share <= 1:
+        return math.inf
+    ordered = sorted((float(c) for c in counts), reverse=True)
+    total = sum(ordered)
+    if ordered[0] <= share * total:
+        return math.inf
+    suffix = [0.0] * (n + 1)  # summed from the smallest up, so a huge claim cannot swallow the others
+    for i in range(n - 1, -1, -1):
+        suffix[i] = suffix[i + 1] + ordered[i]
+    for capped in range(1, n):
+        rest = suffix[capped]
+        if share * capped >= 1:
+            break
+        cap = share * rest / (1 - share * capped)
+        if ordered[capped] <= cap:
+            return cap
+    return ordered[-1]
+
+
+def fold_weights(
+    workers: Sequence[RemoteWorker], *, plan: TrainingPlan, max_samples: Mapping[str, int], max_weight_share: float
+) -> dict[str, int]:
+    """The most weight each selected worker's update may carry in this round's fold, known before the round.
+
+    A worker's expected count is the smallest of its hello's dataset size, its configured ``max_samples`` and
+    what the plan lets it train on (``max_steps * batch_size``, except for gradients, which cover the shard); the
+    share cap (:func:`share_cap`) is computed over those expected counts. It must be known before the first
+    update folds (updates fold as they arrive, in configured order), so it is relative to the *selected*
+    workers: when some drop out of the round, the others' shares of what remains can exceed the cap.
+    """
+    expected: dict[str, int] = {}
+    for worker in workers:
+        count = min(worker.num_samples, max_samples.get(worker.name, worker.num_samples))
+        if plan.update != "gradients" and plan.max_steps is not None:
+            count = min(count, plan.max_steps * plan.batch_size)
+        expected[worker.name] = max(count, 1)
+    cap = share_cap(list(expected.values()), max_weight_share)
+    return {name: max(1, min(count, math.floor(cap))) if math.isfinite(cap) else count for name, count in expected.items()}
+
+
+class TrainStage(Stage[None]):
+    def __init__(
+        self,
+        aggregation: Aggregation,
+        *,
+        model: ModelSpec,
+        plan: TrainingPlan,
+        global_state: State,
+        header: StateHeader,
+        update_header: StateHeader,
+        seed: int,
+        run_id: str,
+        timeout: float,
+        min_survivors: int,
+        concurrent_uploads: int = 4,
+        max_samples: Mapping[str, int] | None = None,
+        observer: RoundObserver | None = None,
+        name: str = "train",
+        max_update_norm: float = math.inf,
+        max_weight_share: float = 1.0,
+    ) -> None:
+        super().__init__(name, timeout=timeout, min_survivors=min_survivors)
+        self.aggregation = aggregation
+        self.model = model
+        self.plan = plan
+        self.global_state = global_state
+        self.header = header
+        self.update_header = update_header
+        self.seed = seed
+        self.run_id = run_id
+        self.concurrent_uploads = concurrent_uploads
+        self.max_samples = dict(max_samples or {})
+        self.observer = observer
+        self.max_update_norm = max_update_norm
+        self.max_weight_share = max_weight_share
+        self._requests: dict[str, TrainRequest] = {}
+        self._fold: OrderedFold | None = None
+        self._weights: dict[str, int] = {}
+
+    def begin(self, workers: Sequence[RemoteWorker]) -> None:
+        self._fold = OrderedFold([w.name for w in workers], capacity=self.concurrent_uploads)
+        self._weights = fold_weights(
+            workers, plan=self.plan, max_samples=self.max_samples, max_weight_share=self.max_weight_share
+        )
+
+    def describe_timeout(self) -> str:
+        return f"missed the round deadline (timeouts.round, {self.timeout:g}s)"
+
+    def request(self, server_round: int, worker: RemoteWorker) -> StageCall:
+        request = TrainRequest(
+            round=server_round,
+            task_id=f"r{server_round}-{worker.name}",
+            model=self.model,
+            plan=self.plan.model_copy(update={"seed": derive_seed(self.seed, server_round, worker.name)}),
+            run=self.run_id,
+            worker=worker.route,
+        )
+        self._requests[worker.name] = request
+        return StageCall(request, self.global_state, self.header)
+
+    async def accept(self, worker: RemoteWorker, inbound: Inbound, outcome: WorkerOutcome, deadline: float) -> None:
+        assert self._fold is not None
+        result = inbound.message
+        if not isinstance(result, TrainResult):
+            raise InvalidUpdate(f"answered a train request with {result.type!r}")
+        outcome.train_seconds = result.train_seconds
+        check_result(result, request=self._requests[worker.name], max_samples=worker.num_samples)
+        waited = await self._fold.admit(worker.name)
+        if self.observer is not None:
+            self.observer.worker_status(self._requests[worker.name].round, worker.name, "uploading", "")
+        async with asyncio.timeout_at(deadline + waited):
+            state = await inbound.fetch(expected=self.update_header)
+        bad = non_finite(state)
+        if bad:
+            raise InvalidUpdate(f"NaN or infinite values in {', '.join(bad[:5])}")
+        norm = await asyncio.to_thread(update_norm, state)
+        if not norm <= self.max_update_norm:
+            raise InvalidUpdate(
+                f"update norm {norm:.4g} exceeds limits.max_update_norm ({self.max_update_norm:.4g})"
+            )
+        weight = min(result.num_samples, self._weights.get(worker.name, result.num_samples))
+        await self._fold.turn(worker.name)
+        try:
+            self.aggregation.add(
+                ClientUpdate(
+                    worker=worker.name, kind=result.update, num_samples=weight, state=state, metrics=result.metrics,
+                )
+            )
+        except AccumulatorOverflow as exc:
+            raise InvalidUpdate(f"update refused, it would overflow the round's sum: {exc}") from None
+        del state
+        self._fold.release(worker.name)
+        outcome.num_samples = weight
+        outcome.metrics = dict(result.metrics)
+
+    def failed(self, worker: RemoteWorker) -> None:
+        if self._fold is not None:
+            self._fold.release(worker.name)

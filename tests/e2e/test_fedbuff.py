@@ -1,0 +1,52 @@
+"""Asynchronous FedBuff with real worker processes, one of them four times slower than the others."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from fedlink.server.config import parse_config
+from fedlink.server.coordinator import Coordinator
+from fedlink.server.localworkers import spawn_worker, stop_workers, wait_ready
+
+
+def _config(urls: list[str], test: Path, out: Path, rounds: int) -> dict[str, Any]:
+    return {
+        "name": "fedbuff",
+        "seed": 2,
+        "model": {"factory": "fedlink.models:mlp", "kwargs": {"in_features": 64, "hidden": 32, "num_classes": 10}},
+        "workers": urls,
+        "rounds": rounds,
+        "sampling": {"min_workers": 3},
+        "training": {"epochs": 1, "update": "delta", "optimizer": {"lr": 0.1, "momentum": 0.9}},
+        "strategy": {"name": "fedbuff", "buffer_size": 2},
+        "evaluation": {"data": str(test)},
+        "output": str(out),
+    }
+
+
+def test_fedbuff_updates_every_k_results_and_resumes(digit_shards: tuple[list[Path], Path], tmp_path: Path) -> None:
+    shards, test = digit_shards
+    spawned = [
+        spawn_worker(shard, worker_id=f"worker-{i}", extra_args=["--threads", "1", *(["--slowdown", "4"] if i == 0 else [])])
+        for i, shard in enumerate(shards)
+    ]
+    workers = [wait_ready(s) for s in spawned]
+    try:
+        urls = [w.url for w in workers]
+        history = asyncio.run(asyncio.wait_for(Coordinator(parse_config(_config(urls, test, tmp_path / "run", 6))).run(), 240))
+        resumed = asyncio.run(
+            asyncio.wait_for(Coordinator(parse_config(_config(urls, test, tmp_path / "run", 8))).run(resume=True), 240)
+        )
+    finally:
+        stop_workers(workers)
+    assert [r["round"] for r in history] == [1, 2, 3, 4, 5, 6]
+    assert all(r["workers"] == 2 for r in history), "each server update folds exactly buffer_size results"
+    assert all("staleness_mean" in r and r["staleness_max"] >= 0 for r in history)
+    assert history[-1]["accuracy"] > 0.8
+    assert [r["round"] for r in resumed] == [1, 2, 3, 4, 5, 6, 7, 8], "resume continues the server updates"
+    lines = [json.loads(line) for line in (tmp_path / "run" / "workers.jsonl").read_text().splitlines()]
+    taken = {w: sum(1 for line in lines if line["worker"] == w and line["status"] == "ok") for w in ("worker-0", "worker-1", "worker-2")}
+    assert taken["worker-0"] < min(taken["worker-1"], taken["worker-2"]), f"the slow worker contributes least: {taken}"

@@ -1,0 +1,47 @@
+"""FedBuff (Nguyen et al. 2022): the buffer average of staleness-weighted deltas, applied with server_lr."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlink.protocol.messages import TrainingPlan
+from fedlink.server.errors import ConfigError
+from fedlink.server.strategy import ClientUpdate, FedBuff, build_strategy
+
+
+def _add(strategy: FedBuff, global_state: dict[str, torch.Tensor], deltas: list[tuple[int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    aggregation = strategy.begin_round(1, global_state)
+    for i, (staleness, delta) in enumerate(deltas):
+        aggregation.add(ClientUpdate(worker=f"w{i}", kind="delta", num_samples=10, state=delta, staleness=staleness))
+    result = aggregation.finish()
+    assert isinstance(result, dict)
+    return result
+
+
+def test_buffer_average_with_polynomial_staleness(f64) -> None:  # type: ignore[no-untyped-def]
+    global_state = {"w": f64(1.0, 1.0), "steps": torch.tensor(5)}
+    deltas = [(0, {"w": f64(3.0, 0.0), "steps": torch.tensor(2)}), (3, {"w": f64(0.0, 4.0), "steps": torch.tensor(4)})]
+    out = _add(FedBuff(buffer_size=2, server_lr=0.5), global_state, deltas)
+    # s(0) = 1, s(3) = 1/2: x + 0.5 * (1/2) * (1 * [3, 0] + 0.5 * [0, 4]) = [1.75, 1.5]
+    assert torch.allclose(out["w"], f64(1.75, 1.5), rtol=0, atol=1e-12)
+    assert int(out["steps"]) == 3, "integer buffers: the staleness-weighted mean of the values sent, rounded"
+
+
+def test_constant_staleness_is_a_plain_buffer_mean(f64) -> None:  # type: ignore[no-untyped-def]
+    out = _add(FedBuff(buffer_size=2, staleness="constant"), {"w": f64(0.0)}, [(0, {"w": f64(2.0)}), (9, {"w": f64(4.0)})])
+    assert torch.equal(out["w"], f64(3.0))
+
+
+def test_weights_and_refusals() -> None:
+    strategy = FedBuff()
+    assert strategy.staleness_weight(0) == 1.0 and strategy.staleness_weight(3) == 0.5
+    with pytest.raises(ValueError, match="negative"):
+        strategy.staleness_weight(-1)
+    with pytest.raises(ConfigError, match="training.update 'delta'"):
+        strategy.configure_train(1, TrainingPlan(update="weights"))
+    with pytest.raises(ConfigError, match="buffer_size must be >= 1"):
+        build_strategy("fedbuff", {"buffer_size": 0})
+    with pytest.raises(ConfigError, match="staleness must be"):
+        build_strategy("fedbuff", {"staleness": "linear"})
+    assert build_strategy("fedbuff", {"buffer_size": 5}).asynchronous  # type: ignore[attr-defined]
