@@ -76,6 +76,7 @@ def measured(command: list[str], *, cwd: Path) -> tuple[int, float, float]:
 
 def startup(folder: Path, processes: int) -> None:
     """Start-up and memory against the number of virtual workers: 1,000 and 10,000 (10 a round, 2 rounds)."""
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     save_shard(folder / "wide.npy", rng.normal(size=(20_000, 16)).astype(np.float32), rng.integers(0, 10, 20_000))
     print(f"{'virtual workers':>15} {'start-up s':>10} {'wall s':>7} {'peak MB':>8}")
@@ -91,7 +92,7 @@ def startup(folder: Path, processes: int) -> None:
         with log.open("w") as err:
             started = time.perf_counter()
             process = subprocess.Popen(
-                [str(ROOT / ".venv/bin/fl-coordinator"), "simulate", "startup.yaml", "--log-level", "info"],
+                [str(ROOT / ".venv/bin/fl-coordinator"), "simulate", "startup.yaml"],
                 cwd=folder, stderr=err, stdout=subprocess.DEVNULL,
             )
             stop, peak = threading.Event(), [0]
@@ -101,10 +102,10 @@ def startup(folder: Path, processes: int) -> None:
             stop.set()
             watcher.join()
             wall = time.perf_counter() - started
-        ready = [line for line in log.read_text().splitlines() if "virtual workers on" in line]
-        if status != 0 or not ready:
+        if status != 0:
             sys.exit(f"simulate failed with status {status}; see {log}")
-        seconds = float(ready[0].rsplit("ready in ", 1)[1].rstrip("s"))
+        first = json.loads((folder / f"startup-{workers}" / "metrics.jsonl").read_text().splitlines()[0])
+        seconds = first["startup_seconds"]
         print(f"{workers:>15,} {seconds:>10.2f} {wall:>7.1f} {peak[0] / 2**20:>8.0f}")
 
 

@@ -171,7 +171,7 @@ async def handshake(
     except TimeoutError as exc:
         raise HandshakeFailed(f"no {stage} from {channel.peer} within {timeout:g}s") from exc
     except ChannelClosed as exc:
-        raise HandshakeFailed(f"the connection with {channel.peer} closed during the handshake ({exc})") from exc
+        raise HandshakeFailed(f"{channel.peer} closed the connection during the handshake ({exc})") from exc
 
 
 def _lift(channel: Channel) -> None:

@@ -211,6 +211,8 @@ def _hint(url: str, exc: Exception) -> str:
     """What a failed opening most likely means, for the failures whose own message does not say."""
     if isinstance(exc, InvalidStatus) and exc.response.status_code == 503:
         return " (the peer holds as many connections as it accepts; try again later)"
+    if isinstance(exc, ConnectionRefusedError):
+        return ""  # nothing listens there: the message says so
     closed = isinstance(exc, (InvalidMessage, ConnectionError, EOFError))
     if url.startswith("ws://") and closed:
         return " (if the peer requires TLS, dial wss://)"

@@ -168,7 +168,7 @@ def _abs_max(tensor: torch.Tensor, chunk: int = 1 << 18) -> float:
     if tensor.dtype == torch.bool:
         return 1.0
     peak = 0.0
-    for part in tensor.reshape(-1).split(chunk):
+    for part in torch.split(tensor.reshape(-1), chunk):
         value = float(part.abs().max())
         if math.isnan(value):
             return math.inf
@@ -185,7 +185,7 @@ def update_norm(state: Mapping[str, torch.Tensor], chunk: int = 1 << 18) -> floa
     for tensor in state.values():
         if not _floating(tensor.dtype):
             continue
-        for part in tensor.reshape(-1).split(chunk):
+        for part in torch.split(tensor.reshape(-1), chunk):
             values = part.abs() if part.is_complex() else part
             total += float(values.to(torch.float64).square().sum())
     return math.sqrt(total) if math.isfinite(total) else math.inf
@@ -194,7 +194,7 @@ def update_norm(state: Mapping[str, torch.Tensor], chunk: int = 1 << 18) -> floa
 def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 18) -> bool:
     # In slices: isfinite over a whole large tensor would allocate temporaries the size of the model.
     flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
+    return all(bool(torch.isfinite(part).all()) for part in torch.split(flat, chunk))
 
 
 def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:

@@ -27,7 +27,10 @@ __all__ = ["main"]
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # force: a library may have configured logging when it was imported (opacus does, at WARNING)
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
 
 
 def _privacy_summary(record: dict[str, Any]) -> str:

@@ -306,6 +306,14 @@ class JobConfig(_Section):
             )
         if privacy.mode == "distributed" and self.secure_aggregation is None:
             raise ValueError("privacy.mode distributed adds the noise under secure aggregation: set secure_aggregation")
+        if (
+            privacy.mode == "distributed" and self.secure_aggregation is not None
+            and privacy.clip_norm != self.secure_aggregation.clip_norm
+        ):
+            raise ValueError(
+                f"privacy.clip_norm ({privacy.clip_norm}) must equal secure_aggregation.clip_norm "
+                f"({self.secure_aggregation.clip_norm}) in mode distributed: the quantiser's clip is the noise's bound"
+            )
         if privacy.mode == "central" and self.secure_aggregation is not None:
             raise ValueError(
                 "privacy.mode central clips each update on the coordinator, which secure_aggregation hides from it: "

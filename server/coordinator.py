@@ -31,7 +31,7 @@ from .progress import Progress
 from .remote import RemoteWorker
 from .evaluate_stage import EvaluateStage, weighted_evaluation
 from .secure_rounds import SecureRound
-from .privacy import CentralDPStrategy, RunPrivacy
+from .privacy import CentralDPStrategy, DistributedDPStrategy, RunPrivacy
 from .rounds import RoundReport, derive_seed, run_round
 from .security import Security
 from .strategy import Strategy, build_strategy
@@ -110,12 +110,15 @@ class Coordinator:
         self.privacy: RunPrivacy | None = RunPrivacy(config) if config.privacy is not None else None
         if self.privacy is not None and self.privacy.central is not None:
             self.strategy = CentralDPStrategy(self.strategy, self.privacy, self.state)
+        elif self.privacy is not None and self.privacy.mode == "distributed":
+            self.strategy = DistributedDPStrategy(self.strategy, self.privacy)
         #: Why the run ended before its last round (the privacy budget), or None.
         self.stopped: str | None = None
         self.strategy.configure_train(1, self._plan())  # refuses now what a round would refuse later
         self.secure: SecureRound | None = None
         if config.secure_aggregation is not None:
             self.secure = SecureRound(config.secure_aggregation, self.strategy)
+            self.secure.privacy = self.privacy  # distributed DP: levels with room for the noise, ledger, denominator
             self.secure.check(self.state)
         # Keys the workers' per-run stores; stable across --resume, different for another job or seed.
         self.run_id = hashlib.sha256(f"{config.name}\0{config.fingerprint()}".encode()).hexdigest()[:16]

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from fedlink.privacy import NoiseSource, PrivacyConfig, PrivacyLedger, accounting_sampling
 from fedlink.privacy.central import CentralDP, DPFedAvgAggregation
+from fedlink.privacy.distributed import noise_headroom
 from fedlink.privacy.errors import PrivacyError
 from fedlink.privacy.ledger import resolve_noise_multiplier
 from fedlink.privacy.sampling import SAMPLING_PURPOSE
@@ -41,7 +42,15 @@ from .strategy.base import Aggregate, Aggregation, ClientUpdate, RoundContext, S
 from .strategy.updates import MeanAggregation
 from .train_stage import derive_seed
 
-__all__ = ["RunPrivacy", "CentralDPStrategy", "poisson_select", "pool_size", "SECRET_FILE"]
+__all__ = [
+    "RunPrivacy",
+    "CentralDPStrategy",
+    "DistributedDPStrategy",
+    "distributed_levels",
+    "poisson_select",
+    "pool_size",
+    "SECRET_FILE",
+]
 
 #: In the checkpoint folder, written at the start of a run (mode 0600): the noise secret, so that a run killed
 #: before its first checkpoint resumes with the same noise. Removed with the checkpoint folder by a fresh start.
@@ -298,3 +307,56 @@ class CentralDPStrategy(Strategy):
             raise ValueError(f"central DP strategy state needs keys strategy and privacy, got {sorted(state)}")
         self.inner.load_state_dict(state["strategy"])
         self.privacy.load_state_dict(state["privacy"])
+
+
+class DistributedDPStrategy(Strategy):
+    """``mode: distributed``: the configured strategy as it is (secure aggregation folds the noised sum into it),
+    with the run's privacy state (ledger, secret for Poisson coins) in its checkpointed state."""
+
+    name = "distributed_dp"
+
+    def __init__(self, inner: Strategy, privacy: RunPrivacy) -> None:
+        self.inner = inner
+        self.privacy = privacy
+
+    @property
+    def min_updates(self) -> int:
+        return self.inner.min_updates
+
+    def configure_train(self, server_round: int, plan: TrainingPlan) -> TrainingPlan:
+        return self.inner.configure_train(server_round, plan)
+
+    def begin_round(self, server_round: int, global_state: State) -> Aggregation:
+        return self.inner.begin_round(server_round, global_state)
+
+    def start_round(self, context: RoundContext, global_state: State) -> Aggregation:
+        return self.inner.start_round(context, global_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"strategy": self.inner.state_dict(), "privacy": self.privacy.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"strategy", "privacy"}:
+            raise ValueError(f"distributed DP strategy state needs keys strategy and privacy, got {sorted(state)}")
+        self.inner.load_state_dict(state["strategy"])
+        self.privacy.load_state_dict(state["privacy"])
+
+
+def distributed_levels(*, bits: int, contributors: int, noise_multiplier: float, min_survivors: int) -> int:
+    """The finest quantisation ``levels`` whose noised sum cannot wrap modulo ``2^bits``.
+
+    Each of ``contributors`` workers adds up to ``levels`` per coordinate plus discrete Gaussian noise of
+    ``sigma = z * levels / sqrt(min_survivors)``; the field keeps :func:`~fedlink.privacy.distributed.noise_headroom`
+    beside ``contributors * levels`` (Kairouz, Liu, Steinke, ICML 2021, section 4).
+    """
+    limit = (1 << (bits - 1)) - 1
+    per_level = contributors + 12.0 * noise_multiplier * math.sqrt(contributors / min_survivors)
+    levels = int(limit // per_level)
+    while levels >= 1:
+        sigma = noise_multiplier * levels / math.sqrt(min_survivors)
+        if contributors * levels + noise_headroom(sigma=sigma, contributors=contributors) < limit:
+            return levels
+        levels -= 1
+    raise ConfigError(
+        f"secure_aggregation.bits = {bits} leaves no room for {contributors} workers' noised updates; raise bits"
+    )

@@ -40,6 +40,7 @@ from fedlink.secagg import (
 from .engine import RoundDriver, StageOutcome
 from .errors import ConfigError, NotEnoughWorkers
 from .plugin_stage import PluginAnswer, PluginStage
+from .privacy import RunPrivacy, distributed_levels
 from .secure_config import SecureAggregationConfig
 from .strategy.base import Aggregate, ClientUpdate, Strategy, as_aggregate
 from .strategy.updates import MeanAggregation
@@ -54,6 +55,7 @@ class SecureRound:
     def __init__(self, config: SecureAggregationConfig, strategy: Strategy) -> None:
         self.config = config
         self.strategy = strategy
+        self.privacy: RunPrivacy | None = None  # distributed DP (issue 11): set by the coordinator for mode distributed
 
     def check(self, global_state: State) -> None:
         """Refuse, before the first round, a strategy whose round is not a weighted mean of the updates."""
@@ -75,6 +77,17 @@ class SecureRound:
             )
             cap = config.weight_cap or max((w.num_samples for w in driver.survivors), default=1) or 1
             spec = QuantSpec.for_workers(len(ids), bits=params.bits, clip_norm=config.clip_norm, weight_cap=float(cap))
+            # --- distributed DP (issue 11): levels that leave the field room for the workers' noise ---
+            private = self.privacy is not None and self.privacy.mode == "distributed"
+            if private:
+                assert self.privacy is not None and self.privacy.noise_multiplier is not None
+                spec = QuantSpec(
+                    bits=params.bits, clip_norm=config.clip_norm, contributors=len(ids), weight_cap=float(cap),
+                    levels=distributed_levels(
+                        bits=params.bits, contributors=len(ids), noise_multiplier=self.privacy.noise_multiplier,
+                        min_survivors=params.min_survivors,
+                    ),
+                )
         except SecAggError as exc:
             raise ConfigError(f"secure_aggregation with {len(ids)} workers: {exc}") from exc
         server = ServerSecAgg(round=driver.server_round, params=params, selected=ids)
@@ -148,6 +161,10 @@ class SecureRound:
             raise NotEnoughWorkers(f"round {driver.server_round}: secure aggregation released nothing: {exc}") from exc
         decoded = decode_sum(total, layout=layout, spec=spec)
         mean: State = dict(decoded.update)
+        if private:  # --- distributed DP (issue 11): the noised sum over the expected cohort, a fixed denominator ---
+            assert self.privacy is not None
+            scale = len(server.contributors) / self.privacy.expected_cohort
+            mean = {name: value * scale for name, value in mean.items()}
         for name, value in driver.global_state.items():
             if not value.is_floating_point():
                 mean[name] = value  # integer buffers are not in the vector: they keep the global values
@@ -160,4 +177,8 @@ class SecureRound:
             "secure_samples": decoded.weight,
             "secure_train_loss": decoded.metrics.get("loss", float("nan")),
         })
+        if private:  # --- distributed DP (issue 11): the workers sent weight 1 and no loss; account the release ---
+            assert self.privacy is not None
+            result.metrics.update(self.privacy.step())
+            result.metrics.update(secure_samples=float(len(server.contributors)), secure_train_loss=float("nan"))
         return result

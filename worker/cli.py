@@ -141,8 +141,9 @@ def main(
     Prints one line on standard output once it is ready: ``fedlink worker listening on URL`` (or, with
     --connect, ``fedlink worker dialling URL``); logs go to standard error.
     """
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    logging.basicConfig(  # force: a library may have configured logging when it was imported (opacus does)
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+        force=True,
     )
     if threads is not None:
         torch.set_num_threads(threads)

@@ -115,13 +115,17 @@ class PolicyGate:
                 raise _refuse("evaluate_models", f"model {request.model.factory!r} may not be evaluated on this shard")
         self._count(time.monotonic() if now is None else now)
 
-    def check_plan(self, plan: TrainingPlan) -> None:
+    def check_plan(self, plan: TrainingPlan, *, request_level: bool = True) -> None:
+        """The training rules. ``request_level`` False (the local step itself, also reached from the secure
+        aggregation stages, whose update never leaves alone) leaves out ``require_secure_aggregation``."""
         p, n = self.policy, self.num_samples
         if plan.update not in p.allowed_updates:
             raise _refuse("allowed_updates", f"update {plan.update!r} is not one of {', '.join(p.allowed_updates)}")
         hooks = {h.name for h in plan.hooks}
-        if p.require_secure_aggregation and SECURE_AGGREGATION_HOOK not in hooks:
-            raise _refuse("require_secure_aggregation", "the round does not use secure aggregation")
+        if request_level and p.require_secure_aggregation and SECURE_AGGREGATION_HOOK not in hooks:
+            raise _refuse(
+                "require_secure_aggregation", "this update would leave the worker on its own, not under secure aggregation"
+            )
         if p.require_dp:
             if plan.privacy is None:
                 raise _refuse("require_dp", "the round does not use differential privacy")

@@ -9,6 +9,7 @@ masked vector only: no sample count, no metric and no unmasked value leaves the 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -20,6 +21,7 @@ from fedlink.secagg import (
     AdvertiseResult,
     MaskedInputRequest,
     QuantSpec,
+    SecAggParams,
     ShareKeysRequest,
     ShareKeysResult,
     UnmaskRequest,
@@ -36,6 +38,7 @@ from .stages import StageContext, StageHandler, register_stage
 __all__ = ["SECURE_STAGES", "MaskedTrainRequest"]
 
 _KEY = "secagg"
+_PARAMS = "secagg.params"
 
 
 def _machine(context: StageContext) -> WorkerSecAgg:
@@ -54,6 +57,7 @@ class Advertise(StageHandler):
             raise BadRequest(f"this worker ({context.worker_id}) is not among the round's selected workers")
         machine = WorkerSecAgg(context.worker_id, round=context.server_round)
         context.round_state[_KEY] = machine
+        context.round_state[_PARAMS] = request.params  # distributed DP (issue 11) sizes its noise by min_survivors
         answer: AdvertiseResult = machine.advertise(request)
         return answer, None
 
@@ -100,10 +104,26 @@ class MaskedInput(StageHandler):
         )
         result, delta = context.service.train(train, state, context.stop)
         layout = layout_of(state, metrics=("loss",))
+        # --- distributed DP (issue 11): equal weights and no unnoised loss in the vector, then the worker's noise ---
+        privacy = request.plan.privacy
+        private = privacy is not None and privacy.mode == "distributed"
         vector = encode_update(
-            delta, num_samples=result.num_samples, metrics={"loss": float(result.metrics.get("loss", 0.0))},
+            delta,
+            num_samples=math.ceil(request.spec.weight_cap) if private else result.num_samples,
+            metrics={"loss": 0.0 if private else float(result.metrics.get("loss", 0.0))},
             layout=layout, spec=request.spec,
         )
+        if private:
+            from .distributed_dp import add_distributed_noise  # imports the privacy package (Opacus) when used
+
+            assert privacy is not None
+            params = context.round_state.get(_PARAMS)
+            if not isinstance(params, SecAggParams):
+                raise BadRequest(f"round {context.server_round}: distributed DP without the advertise stage's parameters")
+            vector = add_distributed_noise(
+                vector, privacy=privacy, spec=request.spec, update_length=layout.update_length,
+                server_round=context.server_round, min_survivors=params.min_survivors,
+            )
         answer, packed = machine.masked_input(request.shares, vector)
         return answer, {"masked": packed_to_tensor(packed)}
 

@@ -40,7 +40,6 @@ from fedlink.training import average_gradients, evaluate, make_optimizer, train_
 from fedlink.protocol.limits import Limits
 
 from .budget import budget_active, build_budget, check_kwargs
-from .local_dp import train_private
 from .errors import BadRequest
 from . import secure_stages  # noqa: F401  (registers secure aggregation's built-in stage handlers)
 from .memory import WorkerMemory
@@ -179,6 +178,8 @@ class WorkerService:
 
     def train(self, request: TrainRequest, state: State, stop: threading.Event | None = None) -> tuple[TrainResult, State]:
         plan = request.plan
+        # Also here, not only at the daemon: stage handlers (secure aggregation) reach training through this method.
+        self.gate.check_plan(plan, request_level=False)
         started = time.perf_counter()
         store = self.memory.run(request.run)
         model_names = {t.name for t in self.check_model(request.model).tensors}
@@ -196,6 +197,8 @@ class WorkerService:
         hooks = self._hooks(request, context)
         model = self._load(request.model, state)
         if plan.privacy is not None and plan.privacy.mode == "local":  # DP-SGD replaces the loop (.local_dp)
+            from .local_dp import train_private  # imports Opacus: only workers asked for local DP pay for it
+
             metrics, private = train_private(
                 model, self._x, self._y, plan, run_id=request.run, server_round=request.round, run_state=store.data,
                 max_epsilon=self.gate.policy.max_epsilon, stop=stop,

@@ -273,8 +273,12 @@ async def _serve(spec: HostSpec, token: str, stop: asyncio.Event) -> None:
 
 def main() -> None:
     """Entry point of a local host process (started by ``fl-coordinator simulate``, not by hand)."""
-    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(  # force: opacus configures logging when it is imported
+        level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
     line = sys.stdin.readline()
+    if not line:  # the coordinator stopped before sending the start line (the run failed early): nothing to do
+        return
     try:
         given = json.loads(line)
         spec = HostSpec.model_validate(given["spec"])

@@ -44,6 +44,9 @@ class SimulationError(FedlinkError):
 class Backend(ABC):
     """Starts ``count`` hosts and says where each listens; reports what it knows of a failed one."""
 
+    async def prepare(self, count: int) -> None:  # noqa: B027 - optional: a backend may start everything in start()
+        """Begin starting ``count`` hosts before their specs are known (the partition is still being drawn)."""
+
     @abstractmethod
     async def start(self, specs: list[HostSpec], token: str) -> list[str]: ...
 
@@ -61,13 +64,19 @@ class LocalBackend(Backend):
         self.ready_timeout = ready_timeout
         self.processes: list[asyncio.subprocess.Process] = []
 
-    async def start(self, specs: list[HostSpec], token: str) -> list[str]:
-        for spec in specs:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "fedlink.worker.virtual_host",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    async def prepare(self, count: int) -> None:
+        """Spawn the processes now: they import torch while the coordinator draws the partition."""
+        while len(self.processes) < count:
+            self.processes.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "fedlink.worker.virtual_host",
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                )
             )
-            self.processes.append(process)
+
+    async def start(self, specs: list[HostSpec], token: str) -> list[str]:
+        await self.prepare(len(specs))
+        for spec, process in zip(specs, self.processes):
             assert process.stdin is not None
             process.stdin.write((json.dumps({"spec": spec.model_dump(mode="json"), "token": token}) + "\n").encode())
             await process.stdin.drain()
@@ -102,10 +111,10 @@ class LocalBackend(Backend):
                 process.stdin.close()
         for process in self.processes:
             try:
-                async with asyncio.timeout(15.0):
+                async with asyncio.timeout(30.0):
                     await process.wait()
             except TimeoutError:
-                log.warning("simulation host process %d did not stop; killing it", process.pid)
+                log.warning("simulation host process %d did not stop within 30s; killing it", process.pid)
                 process.kill()
                 await process.wait()
 

@@ -22,7 +22,8 @@ is the same bit for bit whichever backend runs it and with any number of process
 save transfers but make the sum's order depend on which host trained whom (floating-point addition is not
 associative); a loopback transfer costs far less than training a client, so we keep the order instead.
 
-Each round's record gains ``client_updates_per_second`` (updates folded per second of the round).
+Each round's record gains ``client_updates_per_second`` (updates folded per second of the round); the first
+round run also ``startup_seconds`` (from the call to the hosts being ready).
 """
 
 from __future__ import annotations
@@ -112,12 +113,17 @@ class VirtualWorker(RemoteWorker):
 
 
 class SimulationCoordinator(Coordinator):
-    """The coordinator of ``train``, over virtual workers; rounds also report client updates per second."""
+    """The coordinator of ``train``, over virtual workers; rounds also report client updates per second, and
+    the first round run also the seconds from the simulation's start to its hosts being ready."""
+
+    startup_seconds: float | None = None
 
     async def _finish_round(self, report: RoundReport) -> dict[str, Any]:
         record = await super()._finish_round(report)
         updates = len(report.contributed)
         record["client_updates_per_second"] = updates / report.seconds if report.seconds > 0 else 0.0
+        if self.startup_seconds is not None:
+            record["startup_seconds"], self.startup_seconds = self.startup_seconds, None
         return record
 
 
@@ -180,10 +186,6 @@ async def simulate_async(
     if simulation is None:
         raise ConfigError("this config has no simulation section; fl-coordinator train runs real workers")
     started = time.perf_counter()
-    parts = await asyncio.to_thread(partition_data, simulation, config.seed)
-    partition = await asyncio.to_thread(save_partition, config.output / PARTITION_FILE, parts)
-    sizes = [int(p.shape[0]) for p in parts]
-    del parts
     options = SessionOptions(
         inbound_slots=4, heartbeat_interval=config.timeouts.heartbeat, heartbeat_timeout=6 * config.timeouts.heartbeat
     )
@@ -192,9 +194,15 @@ async def simulate_async(
     )
     hosts = HostTable(backend or _backend(simulation), hello=hello, limits=config.limits, options=options)
     try:
+        await hosts.backend.prepare(simulation.processes)  # hosts import torch while the partition is drawn
+        parts = await asyncio.to_thread(partition_data, simulation, config.seed)
+        partition = await asyncio.to_thread(save_partition, config.output / PARTITION_FILE, parts)
+        sizes = [int(p.shape[0]) for p in parts]
+        del parts
         await hosts.start(_specs(config, partition))
         workers: list[RemoteWorker] = [VirtualWorker(i, hosts=hosts, num_samples=n) for i, n in enumerate(sizes)]
         coordinator = SimulationCoordinator(config, progress=progress, workers=workers, options=options)
+        coordinator.startup_seconds = time.perf_counter() - started
         if progress is not None and hasattr(progress, "bind"):
             progress.bind(coordinator)
         log.info(

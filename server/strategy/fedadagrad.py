@@ -17,7 +17,7 @@ __all__ = ["FedAdagrad"]
 class FedAdagrad(AdaptiveOptimizer):
     name = "fedadagrad"
 
-    def __init__(self, *, eta: float = 0.01, beta1: float = 0.0, tau: float = 1e-3) -> None:
+    def __init__(self, *, eta: float = 0.03, beta1: float = 0.0, tau: float = 1e-3) -> None:
         super().__init__(eta=eta, beta1=beta1, tau=tau)
 
     def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ __all__ = ["FedAdam"]
 class FedAdam(AdaptiveOptimizer):
     name = "fedadam"
 
-    def __init__(self, *, eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+    def __init__(self, *, eta: float = 0.03, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
         super().__init__(eta=eta, beta1=beta1, beta2=beta2, tau=tau)
 
     def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

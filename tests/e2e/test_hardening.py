@@ -113,7 +113,7 @@ def test_a_worker_claiming_10_to_the_18_samples_gets_a_capped_weight(digit_shard
     true_size = load_shard(shards[2]).num_samples
     evaluation = {"data": str(test)}
     try:
-        _, clean = _run(_config([w.url for w in honest], tmp_path / "clean"))
+        reference, clean = _run(_config([w.url for w in honest], tmp_path / "clean", evaluation=evaluation))
         entries = [honest[0].url, honest[1].url, {"url": claimer.url, "max_samples": true_size}]
         _, capped = _run(_config(entries, tmp_path / "capped"))
         shared, _ = _run(_config([honest[0].url, honest[1].url, claimer.url], tmp_path / "share", evaluation=evaluation))
@@ -125,7 +125,7 @@ def test_a_worker_claiming_10_to_the_18_samples_gets_a_capped_weight(digit_shard
     others = sum(load_shard(s).num_samples for s in shards[:2])
     share = [w for w in _lines(tmp_path / "share" / "workers.jsonl") if w["worker"] == "worker-2"]
     assert [w["samples"] for w in share] == [others, others], "no more than half of the round's weight"
-    assert shared[-1]["accuracy"] > 0.8
+    assert shared[-1]["accuracy"] > reference[-1]["accuracy"] - 0.1, "an honest update at half the weight: no harm"
     opened = [w for w in _lines(tmp_path / "open" / "workers.jsonl") if w["worker"] == "worker-2"]
     assert opened[0]["samples"] == 10**18, "with the cap turned off the claim is taken as it is"
 
@@ -155,7 +155,7 @@ def test_coordinators_hanging_up_mid_job_never_leave_two_trainings_running(digit
 
 def test_a_100_byte_request_for_a_huge_model_is_refused_while_others_connect(digit_shards: tuple[list[Path], Path], tmp_path: Path) -> None:
     shards, _ = digit_shards
-    worker = start_worker(shards[0], worker_id="worker-0", extra_args=[*THREADS, "--max-state-mb", "16"])
+    worker = start_worker(shards[0], worker_id="worker-0", extra_args=[*THREADS, "--max-state-mb", "64"])
     try:
         deep = subprocess.Popen([*CURIOUS, "deep", worker.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60

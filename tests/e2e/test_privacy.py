@@ -142,6 +142,7 @@ def _kill_during_round(config: Path, server_round: int, *more: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_central_dp_resume_after_sigkill_is_bit_identical(mnist3: Path, tmp_path: Path) -> None:
     """One secret, two histories: run A is killed in round 3 and resumed; run B runs every round straight.
 
@@ -152,7 +153,7 @@ def test_central_dp_resume_after_sigkill_is_bit_identical(mnist3: Path, tmp_path
     try:
         urls = [w.url for w in workers]
         extra: dict[str, Any] = {
-            "rounds": 5, "sampling": {"mode": "poisson", "rate": 0.7, "min_workers": 1},
+            "rounds": 4, "sampling": {"mode": "poisson", "rate": 0.7, "min_workers": 1},
             "timeouts": {"round": 300, "round_retries": 5},
             "privacy": {"mode": "central", "clip_norm": 0.5, "noise_multiplier": 0.3},
         }
@@ -170,9 +171,9 @@ def test_central_dp_resume_after_sigkill_is_bit_identical(mnist3: Path, tmp_path
     finally:
         stop_workers(workers)
     a, b = _lines(tmp_path / "a" / "metrics.jsonl"), _lines(tmp_path / "b" / "metrics.jsonl")
-    assert [r["round"] for r in a] == [1, 2, 3, 4, 5], "each round exactly once"
+    assert [r["round"] for r in a] == [1, 2, 3, 4], "each round exactly once"
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert [r["epsilon"] for r in a] == [r["epsilon"] for r in b]
-    assert [r["epsilon"] for r in a] == pytest.approx([compute_epsilon([(0.3, 0.7, r)], 1e-5) for r in range(1, 6)])
+    assert [r["epsilon"] for r in a] == pytest.approx([compute_epsilon([(0.3, 0.7, r)], 1e-5) for r in range(1, 5)])
     assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
     assert [r["selected"] for r in a] == [r["selected"] for r in b]

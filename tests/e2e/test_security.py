@@ -169,6 +169,8 @@ def test_token_worker_refuses_no_token_a_wrong_token_and_a_replayed_handshake(
     with running(digit_shards[0][0], "--token-file", str(pki / "w1" / "token")) as worker:
         asyncio.run(_token_checks(worker.url, pki, stranger))
         assert worker.process.poll() is None, "the worker is still up"
+        # The worker logs a refusal just after it hangs up: wait for the second one.
+        asyncio.run(_log_shows(worker, "did not prove that it holds the token", count=2))
         log = worker.log_path.read_text()
     assert "has no token, but this worker requires one" in log
     assert log.count("did not prove that it holds the token") == 2, "the wrong token and the replay"
@@ -327,9 +329,9 @@ def _connect_args(url: str, folder: Path) -> list[str]:
     ]
 
 
-async def _log_shows(worker: LocalWorker, text: str, timeout: float = 30.0) -> None:
+async def _log_shows(worker: LocalWorker, text: str, timeout: float = 30.0, *, count: int = 1) -> None:
     async with asyncio.timeout(timeout):
-        while text not in worker.log_path.read_text():
+        while worker.log_path.read_text().count(text) < count:
             await asyncio.sleep(0.1)
 
 

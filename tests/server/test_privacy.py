@@ -164,3 +164,49 @@ def test_privacy_changes_the_fingerprint_only_when_set(tmp_path: Path) -> None:
     assert dp.fingerprint() != plain
     assert parse_config({**base, "privacy": {"mode": "central", "max_epsilon": 9}}).fingerprint() == dp.fingerprint()
     assert not math.isnan(dp.privacy.delta if dp.privacy else math.nan)
+
+
+async def test_distributed_dp_noise_in_the_secure_sum_has_the_target_std(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path
+) -> None:
+    """Each of 3 workers adds discrete Gaussian noise sized for min_survivors = 2 under secure aggregation; the
+    released change of each parameter is then N(0, (3/2) (z C / 3)^2): all 3 survive, the denominator is 3."""
+    z, clip, n, least = 1.3, 0.5, 3, 2
+    config = {
+        "training": {"update": "delta", "optimizer": {"lr": 1e-9}},
+        "secure_aggregation": {"clip_norm": clip, "min_survivors": least},
+        "privacy": {"mode": "distributed", "clip_norm": clip, "noise_multiplier": z},
+    }
+    coordinator = await _run(digit_shards[0], tmp_path / "run", config)
+    before, _ = initial_state(coordinator.config)
+    diffs = torch.cat([
+        (coordinator.state[k].double() - before[k].double()).flatten() for k in before if before[k].is_floating_point()
+    ])
+    count = diffs.numel()
+    variance = float((diffs**2).mean())
+    expected = n / least * (z * clip / n) ** 2
+    low, high = chi2.ppf(0.005, count) / count, chi2.ppf(0.995, count) / count
+    assert low < variance / expected < high, (variance, expected)
+    record = _records(tmp_path / "run")[0]
+    assert record["epsilon"] == pytest.approx(compute_epsilon([(z, 1.0, 1)], 1e-5), rel=1e-9)
+    assert record["secure_contributors"] == 3
+
+
+def test_the_live_table_shows_epsilon_only_for_private_runs() -> None:
+    import io
+
+    from rich.console import Console
+
+    from fedlink.server.progress import LiveProgress
+
+    def shown(record: dict[str, Any]) -> str:
+        out = io.StringIO()
+        with LiveProgress(Console(file=out, force_terminal=True, width=200)) as progress:
+            progress.run_started("job", 2, ["w1"])
+            progress.round_finished(record)
+        return out.getvalue()
+
+    plain = {"round": 1, "workers": 1, "accuracy": 0.5, "loss": 1.0, "seconds": 1.0}
+    assert "epsilon" not in shown(plain)
+    private = shown({**plain, "epsilon": 2.4567, "delta": 1e-5})
+    assert "epsilon" in private and "2.457" in private

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from fedlink.factory import ModelAllowList
-from fedlink.protocol.messages import EvaluateRequest, HookSpec, ModelSpec, OptimizerSpec, TrainingPlan, TrainRequest
+from fedlink.protocol.messages import (
+    EvaluateRequest, HookSpec, ModelSpec, OptimizerSpec, PrivacyPlan, TrainingPlan, TrainRequest,
+)
 from fedlink.worker.errors import PolicyRefused
 from fedlink.worker.policy import PolicyFileError, PolicyGate, WorkerPolicy, load_policy
 
@@ -44,9 +46,14 @@ def test_each_rule_refuses_naming_itself(policy: dict[str, object], plan: dict[s
         _gate(**policy).check(_train(**plan))
 
 
-def test_required_privacy_is_met_by_the_plan_naming_it() -> None:
-    plan = TrainingPlan(hooks=(HookSpec(name="secure_aggregation"), HookSpec(name="dp")))
+def test_required_privacy_is_met_by_the_plan_announcing_it() -> None:
+    plan = TrainingPlan(
+        hooks=(HookSpec(name="secure_aggregation"),),
+        privacy=PrivacyPlan(mode="local", clip_norm=1.0, noise_multiplier=1.0),
+    )
     _gate(require_secure_aggregation=True, require_dp=True).check_plan(plan)
+    # The local step under a secure-aggregation stage: the request-level rule was the stage's to apply.
+    _gate(require_secure_aggregation=True).check_plan(TrainingPlan(), request_level=False)
 
 
 def test_gradients_cover_the_whole_shard() -> None:

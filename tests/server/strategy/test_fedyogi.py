@@ -29,7 +29,7 @@ def test_two_rounds_by_hand_on_gradients(fold, f64) -> None:
 
 def test_defaults() -> None:
     strategy = FedYogi()
-    assert (strategy.eta, strategy.beta1, strategy.beta2, strategy.tau) == (0.01, 0.9, 0.99, 1e-3)
+    assert (strategy.eta, strategy.beta1, strategy.beta2, strategy.tau) == (0.03, 0.9, 0.99, 1e-3)
 
 
 @pytest.mark.parametrize(

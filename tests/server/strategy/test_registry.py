@@ -16,6 +16,8 @@ from fedlink.server.strategy import (
     FedAvg,
     FedAvgM,
     FedBuff,
+    FedNova,
+    Scaffold,
     FedProx,
     FedYogi,
     Krum,
@@ -29,7 +31,7 @@ from fedlink.server.strategy import (
 def test_every_strategy_is_registered_under_its_name() -> None:
     expected = {
         "fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadagrad": FedAdagrad, "fedadam": FedAdam,
-        "fedyogi": FedYogi, "fedbuff": FedBuff, "median": Median, "trimmed_mean": TrimmedMean, "krum": Krum, "multi_krum": MultiKrum,
+        "fedyogi": FedYogi, "scaffold": Scaffold, "fednova": FedNova, "fedbuff": FedBuff, "median": Median, "trimmed_mean": TrimmedMean, "krum": Krum, "multi_krum": MultiKrum,
     }  # fmt: skip
     assert STRATEGIES == expected
     assert all(cls.name == name for name, cls in STRATEGIES.items())
@@ -42,8 +44,8 @@ def test_every_strategy_is_registered_under_its_name() -> None:
         ("fedprox", {"mu": 0.01}, {"mu": 0.01}),
         ("fedavgm", {"momentum": 0.5}, {"momentum": 0.5, "server_lr": 1.0}),
         ("fedadagrad", {"eta": 0.1}, {"eta": 0.1, "beta1": 0.0, "tau": 1e-3}),
-        ("fedadam", {"beta2": 0.999, "tau": "1e-9"}, {"eta": 0.01, "beta1": 0.9, "beta2": 0.999, "tau": 1e-9}),
-        ("fedyogi", {}, {"eta": 0.01, "beta2": 0.99}),
+        ("fedadam", {"beta2": 0.999, "tau": "1e-9"}, {"eta": 0.03, "beta1": 0.9, "beta2": 0.999, "tau": 1e-9}),
+        ("fedyogi", {}, {"eta": 0.03, "beta2": 0.99}),
         ("median", {"server_lr": 0.1}, {}),
         ("trimmed_mean", {"beta": 0.25}, {"beta": 0.25}),
         ("krum", {"num_byzantine": 2}, {"num_byzantine": 2, "num_selected": 1, "min_updates": 7}),
@@ -131,7 +133,7 @@ def test_unknown_name_lists_the_known_ones() -> None:
     ("name", "params", "message"),
     [
         ("fedprox", {}, r"strategy 'fedprox' with parameters \{\}: .*missing .*'mu'.*accepts mu \(required\)"),
-        ("fedadam", {"eta_l": 0.1}, r"'fedadam' .*unexpected keyword argument 'eta_l'.*accepts eta=0.01, beta1=0.9"),
+        ("fedadam", {"eta_l": 0.1}, r"'fedadam' .*unexpected keyword argument 'eta_l'.*accepts eta=0.03, beta1=0.9"),
         ("fedyogi", {"beta2": 1.0}, r"strategy 'fedyogi' .*beta2 must be in \[0, 1\), got 1.0"),
         ("trimmed_mean", {"beta": 0.5}, r"strategy 'trimmed_mean' .*beta must be in \[0, 0.5\), got 0.5"),
         ("krum", {"num_byzantine": "two"}, r"strategy 'krum' .*num_byzantine must be an integer, got 'two'"),
