@@ -175,7 +175,7 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     # resolve_conj/resolve_neg: a lazily conjugated (or negated) view cannot be reinterpreted as bytes; both are
     # no-ops for every other tensor.
     flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def iter_state_chunks(state: Mapping[str, torch.Tensor], header: StateHeader, chunk_bytes: int) -> Iterator[memoryview]:
@@ -284,7 +284,7 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> memoryview:
     # handed out instead.
     packer = msgpack.Packer(use_bin_type=True, autoreset=False)
     packer.pack(doc)
-    return packer.getbuffer()
+    return packer.getbuffer()  # type: ignore[no-any-return]
 
 
 def decode_state(data: bytes | memoryview, limits: Limits | None = None) -> State:
