@@ -1,6 +1,6 @@
 """Chaos run: a federated job while workers are SIGKILLed and restarted and links are cut, against a clean run.
 
-    python bench/chaos.py                                   # 20 rounds of MNIST over 5 workers (the issue's run)
+    python bench/chaos.py                                   # 20 rounds of MNIST over 5 workers (the reference run)
     python bench/chaos.py --dataset digits --rounds 8 --workers 4 --kill-every 3   # the short version CI runs
 
 Each worker sits behind its own fault proxy (loopback). During the chaos run a seeded random worker is killed

@@ -55,7 +55,7 @@ class SecureRound:
     def __init__(self, config: SecureAggregationConfig, strategy: Strategy) -> None:
         self.config = config
         self.strategy = strategy
-        self.privacy: RunPrivacy | None = None  # distributed DP (issue 11): set by the coordinator for mode distributed
+        self.privacy: RunPrivacy | None = None  # distributed DP: set by the coordinator for mode distributed
 
     def check(self, global_state: State) -> None:
         """Refuse, before the first round, a strategy whose round is not a weighted mean of the updates."""
@@ -77,7 +77,7 @@ class SecureRound:
             )
             cap = config.weight_cap or max((w.num_samples for w in driver.survivors), default=1) or 1
             spec = QuantSpec.for_workers(len(ids), bits=params.bits, clip_norm=config.clip_norm, weight_cap=float(cap))
-            # --- distributed DP (issue 11): levels that leave the field room for the workers' noise ---
+            # distributed DP: levels that leave the field room for the workers' noise
             private = self.privacy is not None and self.privacy.mode == "distributed"
             if private:
                 assert self.privacy is not None and self.privacy.noise_multiplier is not None
@@ -161,7 +161,7 @@ class SecureRound:
             raise NotEnoughWorkers(f"round {driver.server_round}: secure aggregation released nothing: {exc}") from exc
         decoded = decode_sum(total, layout=layout, spec=spec)
         mean: State = dict(decoded.update)
-        if private:  # --- distributed DP (issue 11): the noised sum over the expected cohort, a fixed denominator ---
+        if private:  # distributed DP: the noised sum over the expected cohort, a fixed denominator
             assert self.privacy is not None
             scale = len(server.contributors) / self.privacy.expected_cohort
             mean = {name: value * scale for name, value in mean.items()}
@@ -177,7 +177,7 @@ class SecureRound:
             "secure_samples": decoded.weight,
             "secure_train_loss": decoded.metrics.get("loss", float("nan")),
         })
-        if private:  # --- distributed DP (issue 11): the workers sent weight 1 and no loss; account the release ---
+        if private:  # distributed DP: the workers sent weight 1 and no loss; account the release
             assert self.privacy is not None
             result.metrics.update(self.privacy.step())
             result.metrics.update(secure_samples=float(len(server.contributors)), secure_train_loss=float("nan"))

@@ -57,7 +57,7 @@ class Advertise(StageHandler):
             raise BadRequest(f"this worker ({context.worker_id}) is not among the round's selected workers")
         machine = WorkerSecAgg(context.worker_id, round=context.server_round)
         context.round_state[_KEY] = machine
-        context.round_state[_PARAMS] = request.params  # distributed DP (issue 11) sizes its noise by min_survivors
+        context.round_state[_PARAMS] = request.params  # distributed DP sizes its noise by min_survivors
         answer: AdvertiseResult = machine.advertise(request)
         return answer, None
 
@@ -104,7 +104,7 @@ class MaskedInput(StageHandler):
         )
         result, delta = context.service.train(train, state, context.stop)
         layout = layout_of(state, metrics=("loss",))
-        # --- distributed DP (issue 11): equal weights and no unnoised loss in the vector, then the worker's noise ---
+        # distributed DP: equal weights and no unnoised loss in the vector, then the worker's noise
         privacy = request.plan.privacy
         private = privacy is not None and privacy.mode == "distributed"
         vector = encode_update(

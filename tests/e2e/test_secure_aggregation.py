@@ -105,7 +105,7 @@ def test_secure_rounds_learn_like_plain_fedavg(digits: tuple[Any, Any], tmp_path
 
 @pytest.mark.slow
 def test_mnist_ten_workers_secure_within_half_a_point_of_plain(shared_data: Path, tmp_path: Path) -> None:
-    """The issue's acceptance job: MNIST, 10 real workers, IID, 10 rounds, clip_norm 10 (about 15 minutes here)."""
+    """The acceptance job: MNIST, 10 real workers, IID, 10 rounds, clip_norm 10 (about 15 minutes here)."""
     import subprocess
 
     from .conftest import ROOT

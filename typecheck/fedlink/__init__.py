@@ -1,0 +1,1 @@
+../../common/__init__.py
