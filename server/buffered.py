@@ -175,11 +175,7 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
 
     tasks: dict[int, asyncio.Task[None]] = {}
     try:
-        await coordinator.pool.start()
-        if config.listen is not None:
-            coordinator.listen_url = await coordinator.pool.listen(host=config.listen.host, port=config.listen.port)
-            coordinator.listening.set()
-        coordinator.progress.run_started(config.name, config.rounds, [])
+        await coordinator.open_pool()
         if first_round > config.rounds:
             done.set()
         await coordinator.pool.wait_for(config.sampling.min_workers, timeout=config.timeouts.wait_for_workers)

@@ -29,6 +29,7 @@ from .output import RunOutput
 from .pool import WorkerPool
 from .progress import Progress
 from .remote import RemoteWorker
+from .engine import run_stage
 from .evaluate_stage import EvaluateStage, weighted_evaluation
 from .secure_rounds import SecureRound
 from .privacy import CentralDPStrategy, DistributedDPStrategy, RunPrivacy
@@ -198,12 +199,7 @@ class Coordinator:
         update_header = self._param_header if config.training.update == "gradients" else header
         pending: asyncio.Future[None] | None = None
         try:
-            await self.pool.start()
-            if config.listen is not None:
-                self.listen_url = await self.pool.listen(host=config.listen.host, port=config.listen.port)
-                self.listening.set()
-            # Rows appear as workers connect, under their ids: see WorkerPool's observer.
-            self.progress.run_started(config.name, config.rounds, [])
+            await self.open_pool()
             last = time.perf_counter()
             for server_round in range(first_round, config.rounds + 1):
                 if self.privacy is not None:
@@ -235,6 +231,16 @@ class Coordinator:
                 await asyncio.gather(pending, return_exceptions=True)
             await self.pool.close("training finished")
         return self.history
+
+    async def open_pool(self) -> None:
+        """Dial the configured workers, listen for those that dial in, and tell the display the run started."""
+        config = self.config
+        await self.pool.start()
+        if config.listen is not None:
+            self.listen_url = await self.pool.listen(host=config.listen.host, port=config.listen.port)
+            self.listening.set()
+        # Rows appear as workers connect, under their ids: see WorkerPool's observer.
+        self.progress.run_started(config.name, config.rounds, [])
 
     def save_final_model(self) -> None:
         config = self.config
@@ -357,8 +363,6 @@ class Coordinator:
             model=self.config.model, state=report.state, header=header_of(report.state), run_id=self.run_id,
             timeout=self.config.timeouts.round, batch_size=federated.batch_size, min_survivors=federated.min_workers,
         )
-        from .engine import run_stage
-
         outcome = await run_stage(report.server_round, stage, selected, observer=self.progress)
         report.outcomes.extend(outcome.outcomes)
         if len(outcome.results) < federated.min_workers:

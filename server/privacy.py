@@ -266,7 +266,32 @@ class _CentralAggregation(Aggregation):
         return result
 
 
-class CentralDPStrategy(Strategy):
+class _PrivateStrategy(Strategy):
+    """The configured strategy, wrapped: it plans and aggregates, and the run's privacy state (ledger, noise
+    secret) is checkpointed beside its own state."""
+
+    def __init__(self, inner: Strategy, privacy: RunPrivacy) -> None:
+        self.inner = inner
+        self.privacy = privacy
+
+    @property
+    def min_updates(self) -> int:
+        return self.inner.min_updates
+
+    def configure_train(self, server_round: int, plan: TrainingPlan) -> TrainingPlan:
+        return self.inner.configure_train(server_round, plan)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"strategy": self.inner.state_dict(), "privacy": self.privacy.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"strategy", "privacy"}:
+            raise ValueError(f"{self.name} strategy state needs keys strategy and privacy, got {sorted(state)}")
+        self.inner.load_state_dict(state["strategy"])
+        self.privacy.load_state_dict(state["privacy"])
+
+
+class CentralDPStrategy(_PrivateStrategy):
     """``mode: central``: the configured strategy over DP-FedAvg's released mean (see the module docstring)."""
 
     name = "central_dp"
@@ -280,15 +305,7 @@ class CentralDPStrategy(Strategy):
                 f"strategy {inner.name!r} does not aggregate by a mean of the updates, so it cannot run on DP-FedAvg's "
                 "released mean (privacy.mode central); use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad"
             )
-        self.inner = inner
-        self.privacy = privacy
-
-    @property
-    def min_updates(self) -> int:
-        return self.inner.min_updates
-
-    def configure_train(self, server_round: int, plan: TrainingPlan) -> TrainingPlan:
-        return self.inner.configure_train(server_round, plan)
+        super().__init__(inner, privacy)
 
     def begin_round(self, server_round: int, global_state: State) -> Aggregation:
         raise NotImplementedError("central DP rounds start with start_round (the round's context)")
@@ -299,47 +316,18 @@ class CentralDPStrategy(Strategy):
         dp = central.begin_round(context.server_round, global_state, self.privacy.attempt)
         return _CentralAggregation(dp, self.inner.start_round(context, global_state), self.privacy, global_state)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"strategy": self.inner.state_dict(), "privacy": self.privacy.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"strategy", "privacy"}:
-            raise ValueError(f"central DP strategy state needs keys strategy and privacy, got {sorted(state)}")
-        self.inner.load_state_dict(state["strategy"])
-        self.privacy.load_state_dict(state["privacy"])
-
-
-class DistributedDPStrategy(Strategy):
+class DistributedDPStrategy(_PrivateStrategy):
     """``mode: distributed``: the configured strategy as it is (secure aggregation folds the noised sum into it),
     with the run's privacy state (ledger, secret for Poisson coins) in its checkpointed state."""
 
     name = "distributed_dp"
-
-    def __init__(self, inner: Strategy, privacy: RunPrivacy) -> None:
-        self.inner = inner
-        self.privacy = privacy
-
-    @property
-    def min_updates(self) -> int:
-        return self.inner.min_updates
-
-    def configure_train(self, server_round: int, plan: TrainingPlan) -> TrainingPlan:
-        return self.inner.configure_train(server_round, plan)
 
     def begin_round(self, server_round: int, global_state: State) -> Aggregation:
         return self.inner.begin_round(server_round, global_state)
 
     def start_round(self, context: RoundContext, global_state: State) -> Aggregation:
         return self.inner.start_round(context, global_state)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"strategy": self.inner.state_dict(), "privacy": self.privacy.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"strategy", "privacy"}:
-            raise ValueError(f"distributed DP strategy state needs keys strategy and privacy, got {sorted(state)}")
-        self.inner.load_state_dict(state["strategy"])
-        self.privacy.load_state_dict(state["privacy"])
 
 
 def distributed_levels(*, bits: int, contributors: int, noise_multiplier: float, min_survivors: int) -> int:

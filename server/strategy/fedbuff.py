@@ -16,9 +16,10 @@ from typing import ClassVar, Literal
 from fedlink.protocol.messages import TrainingPlan
 from fedlink.protocol.tensors import State
 
-from ..aggregate import WeightedSum, accumulator_dtype
+from ..aggregate import WeightedSum
 from ..errors import ConfigError
 from .base import Aggregation, ClientUpdate, Strategy, check_float, check_int
+from .updates import apply_pseudo_gradient
 
 __all__ = ["FedBuff", "BufferedAggregation"]
 
@@ -43,18 +44,7 @@ class BufferedAggregation(Aggregation):
     def finish(self) -> State:
         # The weighted mean times (Σ s / K) is (1/K) Σ s Δ: the paper's buffer average.
         scale = self._strategy.server_lr * self._sum.total_weight / self._sum.count
-        mean = self._sum.mean()
-        out: State = {}
-        for name, base in self._global.items():
-            value = mean.get(name)
-            if value is None:
-                out[name] = base
-            elif not base.is_floating_point():
-                out[name] = value.to(base.dtype)
-            else:
-                acc = accumulator_dtype(base.dtype)
-                out[name] = (base.to(acc) + value.to(acc) * scale).to(base.dtype)
-        return out
+        return apply_pseudo_gradient("delta", self._global, self._sum.mean(), lambda name, delta: delta * scale)
 
 
 class FedBuff(Strategy):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,26 @@ ROOT = Path(__file__).resolve().parents[2]
 def coordinator_command() -> list[str]:
     script = Path(sys.executable).with_name("fl-coordinator")
     return [str(script)] if script.exists() else [sys.executable, "-m", "fedlink.server"]
+
+
+def kill_coordinator_during_round(config: Path, server_round: int, *more: str) -> subprocess.Popen[bytes]:
+    """Start ``fl-coordinator train`` and SIGKILL it once round ``server_round``'s requests are out (it trains)."""
+    process = subprocess.Popen(
+        [*coordinator_command(), "train", str(config), "--log-level", "info", *more],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    marker = f"round {server_round}: training on".encode()
+    seen = b""
+    deadline = time.monotonic() + 300
+    while marker not in seen:
+        ready, _, _ = select.select([process.stderr], [], [], max(deadline - time.monotonic(), 0))
+        chunk = process.stderr.read1(65536) if ready else b""  # type: ignore[attr-defined]
+        assert chunk, f"coordinator ended before round {server_round}: {seen.decode()[-2000:]}"
+        seen += chunk
+    process.kill()
+    process.wait()
+    return process
 
 
 def _mnist(shared_data: Path, out: Path, workers: int, *extra: str) -> Path:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-import select
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from fedlink.privacy import compute_epsilon
 from fedlink.server.localworkers import LocalWorker, spawn_worker, start_workers, stop_workers, wait_ready
 from fedlink.shards import load_shard
 
-from .conftest import coordinator_command
+from .conftest import coordinator_command, kill_coordinator_during_round
 
 MLP = {"factory": "fedlink.models:mlp", "kwargs": {"in_features": 784, "hidden": 32}}
 
@@ -122,25 +120,6 @@ def test_require_dp_refuses_a_round_without_dp_and_takes_one_with_it(mnist3: Pat
     assert _lines(tmp_path / "dp" / "metrics.jsonl")[0]["epsilon"] > 0
 
 
-def _kill_during_round(config: Path, server_round: int, *more: str) -> None:
-    """Start ``fl-coordinator train`` and SIGKILL it while round ``server_round`` trains."""
-    process = subprocess.Popen(
-        [*coordinator_command(), "train", str(config), "--log-level", "info", *more],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    marker = f"round {server_round}: training on".encode()
-    seen = b""
-    deadline = time.monotonic() + 300
-    while marker not in seen:
-        ready, _, _ = select.select([process.stderr], [], [], max(deadline - time.monotonic(), 0))
-        chunk = process.stderr.read1(65536) if ready else b""  # type: ignore[attr-defined]
-        assert chunk, f"coordinator ended before round {server_round}: {seen.decode()[-2000:]}"
-        seen += chunk
-    process.kill()
-    process.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_central_dp_resume_after_sigkill_is_bit_identical(mnist3: Path, tmp_path: Path) -> None:
@@ -158,11 +137,11 @@ def test_central_dp_resume_after_sigkill_is_bit_identical(mnist3: Path, tmp_path
             "privacy": {"mode": "central", "clip_norm": 0.5, "noise_multiplier": 0.3},
         }
         config_a = _config(tmp_path / "a.yaml", urls, mnist3, tmp_path / "a", **extra)
-        _kill_during_round(config_a, 1)
+        kill_coordinator_during_round(config_a, 1)
         assert (tmp_path / "a" / "checkpoint" / "privacy-secret.json").exists()
         shutil.copytree(tmp_path / "a", tmp_path / "b")
         config_b = _config(tmp_path / "b.yaml", urls, mnist3, tmp_path / "b", **extra)
-        _kill_during_round(config_a, 3, "--resume")
+        kill_coordinator_during_round(config_a, 3, "--resume")
         assert [r["round"] for r in _lines(tmp_path / "a" / "metrics.jsonl")] in ([1], [1, 2])
         resumed = _train(config_a, "--resume")
         assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]

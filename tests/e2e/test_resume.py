@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import select
 import subprocess
-import time
 from pathlib import Path
 
 import yaml
 
 from fedlink.server.localworkers import start_workers, stop_workers
 
-from .conftest import ROOT, coordinator_command
+from .conftest import ROOT, coordinator_command, kill_coordinator_during_round
 
 
 def _config(path: Path, urls: list[str], data: Path, out: Path) -> Path:
@@ -23,32 +21,12 @@ def _config(path: Path, urls: list[str], data: Path, out: Path) -> Path:
     return path
 
 
-def _kill_during_round(config: Path, server_round: int) -> subprocess.Popen[bytes]:
-    """Start ``fl-coordinator train`` and SIGKILL it while round ``server_round`` trains."""
-    process = subprocess.Popen(
-        [*coordinator_command(), "train", str(config), "--log-level", "info"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    assert process.stderr is not None
-    marker = f"round {server_round}: training on".encode()
-    seen = b""
-    deadline = time.monotonic() + 300
-    while marker not in seen:
-        ready, _, _ = select.select([process.stderr], [], [], max(deadline - time.monotonic(), 0))
-        chunk = process.stderr.read1(65536) if ready else b""  # type: ignore[attr-defined]
-        assert chunk, f"coordinator ended before round {server_round}: {seen.decode()[-2000:]}"
-        seen += chunk
-    # The round's requests are out: the workers are training, the round is open; kill the coordinator now.
-    process.kill()
-    process.wait()
-    return process
-
-
 def test_resume_after_sigkill_is_bit_identical(mnist3: Path, tmp_path: Path) -> None:
     workers = start_workers([mnist3 / f"shard-{i}.npy" for i in range(3)], extra_args=["--threads", "1"])
     try:
         urls = [w.url for w in workers]
         interrupted = _config(tmp_path / "interrupted.yaml", urls, mnist3, tmp_path / "interrupted")
-        killed = _kill_during_round(interrupted, 3)
+        killed = kill_coordinator_during_round(interrupted, 3)
         assert killed.returncode == -9
         lines = (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
         # Round 2 is evaluated and recorded while round 3 trains, so the kill may land before its record.

@@ -14,8 +14,7 @@ import yaml
 
 from fedlink.server.localworkers import start_workers, stop_workers
 
-from .conftest import ROOT, coordinator_command
-from .test_resume import _kill_during_round
+from .conftest import ROOT, coordinator_command, kill_coordinator_during_round
 
 
 def _digits(out: Path) -> Path:
@@ -47,7 +46,7 @@ def test_scaffold_resume_after_sigkill_is_bit_identical(tmp_path: Path) -> None:
     try:
         urls = [w.url for w in workers]
         interrupted = _config(tmp_path / "interrupted.yaml", urls, data, tmp_path / "interrupted", rounds=4)
-        killed = _kill_during_round(interrupted, 3)
+        killed = kill_coordinator_during_round(interrupted, 3)
         assert killed.returncode == -9
         assert [r["round"] for r in _records(tmp_path / "interrupted")] in ([1], [1, 2])
         resumed = subprocess.run([*coordinator_command(), "train", str(interrupted), "--resume"], capture_output=True, timeout=600)
@@ -82,7 +81,7 @@ def test_scaffold_resume_on_mnist(mnist3: Path, tmp_path: Path) -> None:
             config["evaluation"]["data"] = str(mnist3 / "test.npy")
             paths[name] = tmp_path / f"{name}.yaml"
             paths[name].write_text(yaml.safe_dump(config))
-        assert _kill_during_round(paths["interrupted"], 3).returncode == -9
+        assert kill_coordinator_during_round(paths["interrupted"], 3).returncode == -9
         resumed = subprocess.run([*coordinator_command(), "train", str(paths["interrupted"]), "--resume"], capture_output=True, timeout=900)
         assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
         straight = subprocess.run([*coordinator_command(), "train", str(paths["clean"])], capture_output=True, timeout=900)

@@ -10,19 +10,16 @@ from typing import Any
 import pytest
 import torch
 
-from fedlink.factory import ModelAllowList
 from fedlink.protocol.messages import Hello
 from fedlink.protocol.tensors import State
 from fedlink.server.config import parse_config
 from fedlink.server.coordinator import Coordinator
-from fedlink.server.inmemory import connect_in_memory
-from fedlink.server.remote import RemoteWorker
 from fedlink.server.strategy import Aggregation, FedAvg
 from fedlink.server.strategy.base import Aggregate, RoundContext
 from fedlink.server.strategy.updates import MeanAggregation
+
+from .inmemory_jobs import run_in_memory
 from fedlink.shards import load_shard
-from fedlink.worker.daemon import WorkerDaemon
-from fedlink.worker.service import WorkerService
 
 HELLO = Hello(role="coordinator", peer_id="test")
 MLP = {"factory": "fedlink.models:mlp", "kwargs": {"in_features": 64, "hidden": 16, "num_classes": 10}}
@@ -36,32 +33,8 @@ PINNED = {
 }
 
 
-async def _workers(shards: list[Path]) -> tuple[list[RemoteWorker], list[WorkerDaemon]]:
-    remotes, daemons = [], []
-    for i, shard in enumerate(shards):
-        daemon = WorkerDaemon(WorkerService(load_shard(shard), allow=ModelAllowList(), worker_id=f"worker-{i}"))
-        remote, _ = await connect_in_memory(daemon, hello=HELLO)
-        remotes.append(remote)
-        daemons.append(daemon)
-    return remotes, daemons
-
-
 async def _job(shards: list[Path], out: Path, config: dict[str, Any]) -> Coordinator:
-    remotes, daemons = await _workers(shards)
-    full = {
-        "name": "engine", "seed": 3, "model": MLP, "rounds": 3,
-        "workers": [f"ws://in-memory-{i}:1" for i in range(len(remotes))],  # the in-memory remotes stand in
-        "output": str(out), **config,
-    }
-    coordinator = Coordinator(parse_config(full), workers=remotes)
-    try:
-        await coordinator.run()
-    finally:
-        for daemon in daemons:
-            await daemon.stop()
-        for remote in remotes:
-            await remote.close("done")
-    return coordinator
+    return await run_in_memory(shards, {"name": "engine", "seed": 3, "model": MLP, "rounds": 3, "output": str(out), **config})
 
 
 def _digest(state: State) -> str:

@@ -10,21 +10,16 @@ from typing import Any
 import pytest
 import torch
 
-from fedlink.factory import ModelAllowList
-from fedlink.protocol.messages import Hello, TrainingPlan
+from fedlink.protocol.messages import TrainingPlan
 from fedlink.protocol.tensors import State
 from fedlink.server.aggregate import AccumulatorOverflow, WeightedSum, update_norm
 from fedlink.server.checkpoint import load_checkpoint
-from fedlink.server.config import parse_config
-from fedlink.server.coordinator import Coordinator
 from fedlink.server.errors import RoundRefused
-from fedlink.server.inmemory import connect_in_memory
 from fedlink.server.strategy import Aggregation, FedAvg
 from fedlink.server.strategy.base import Aggregate, RoundContext, as_aggregate
 from fedlink.server.train_stage import fold_weights, share_cap
-from fedlink.shards import load_shard
-from fedlink.worker.daemon import WorkerDaemon
-from fedlink.worker.service import WorkerService
+
+from .inmemory_jobs import coordinator_for, in_memory_workers
 
 BIG = 3e38
 
@@ -127,27 +122,14 @@ class _Explodes(FedAvg):
 async def test_a_round_whose_new_model_is_not_finite_is_refused_and_the_checkpoint_stands(
     digit_shards: tuple[list[Path], Path], tmp_path: Path
 ) -> None:
-    remotes, daemons = [], []
-    for i, shard in enumerate(digit_shards[0]):
-        daemon = WorkerDaemon(WorkerService(load_shard(shard), allow=ModelAllowList(), worker_id=f"worker-{i}"))
-        remote, _ = await connect_in_memory(daemon, hello=Hello(role="coordinator", peer_id="test"))
-        remotes.append(remote)
-        daemons.append(daemon)
-    config = parse_config({
-        "name": "refuse", "seed": 3, "rounds": 3, "output": str(tmp_path / "run"),
-        "model": {"factory": "fedlink.models:mlp", "kwargs": {"in_features": 64, "hidden": 16, "num_classes": 10}},
-        "workers": [f"ws://in-memory-{i}:1" for i in range(len(remotes))],
-        "strategy": {"name": f"{__name__}:_Explodes"}, "timeouts": {"round_retries": 1},
-    })
-    coordinator = Coordinator(config, workers=remotes)
-    try:
+    async with in_memory_workers(digit_shards[0]) as remotes:
+        coordinator = coordinator_for(remotes, {
+            "name": "refuse", "seed": 3, "rounds": 3, "output": str(tmp_path / "run"),
+            "model": {"factory": "fedlink.models:mlp", "kwargs": {"in_features": 64, "hidden": 16, "num_classes": 10}},
+            "strategy": {"name": f"{__name__}:_Explodes"}, "timeouts": {"round_retries": 1},
+        })
         with pytest.raises(RoundRefused, match="round 2: the aggregated model has NaN or infinite values"):
             await coordinator.run()
-    finally:
-        for daemon in daemons:
-            await daemon.stop()
-        for remote in remotes:
-            await remote.close("done")
     assert all(torch.isfinite(t).all() for t in coordinator.state.values() if t.is_floating_point())
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint")
     assert checkpoint is not None and checkpoint.server_round == 1

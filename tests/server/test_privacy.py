@@ -15,18 +15,14 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from fedlink.factory import ModelAllowList
 from fedlink.privacy import compute_epsilon
 from fedlink.protocol.messages import Hello
 from fedlink.server.config import parse_config
 from fedlink.server.coordinator import Coordinator, initial_state
 from fedlink.server.errors import ConfigError
-from fedlink.server.inmemory import connect_in_memory
 from fedlink.server.privacy import SECRET_FILE
-from fedlink.server.remote import RemoteWorker
-from fedlink.shards import load_shard
-from fedlink.worker.daemon import WorkerDaemon
-from fedlink.worker.service import WorkerService
+
+from .inmemory_jobs import run_in_memory
 
 HELLO = Hello(role="coordinator", peer_id="test")
 # 64 -> 64 -> 10: 4,810 parameters, each an independent draw of the released noise.
@@ -34,27 +30,7 @@ MLP = {"factory": "fedlink.models:mlp", "kwargs": {"in_features": 64, "hidden": 
 
 
 async def _run(shards: list[Path], out: Path, config: dict[str, Any]) -> Coordinator:
-    remotes: list[RemoteWorker] = []
-    daemons: list[WorkerDaemon] = []
-    for i, shard in enumerate(shards):
-        daemon = WorkerDaemon(WorkerService(load_shard(shard), allow=ModelAllowList(), worker_id=f"worker-{i}"))
-        remote, _ = await connect_in_memory(daemon, hello=HELLO)
-        remotes.append(remote)
-        daemons.append(daemon)
-    full = {
-        "name": "privacy", "seed": 5, "model": MLP, "rounds": 1,
-        "workers": [f"ws://in-memory-{i}:1" for i in range(len(remotes))],
-        "output": str(out), **config,
-    }
-    coordinator = Coordinator(parse_config(full), workers=remotes)
-    try:
-        await coordinator.run()
-    finally:
-        for daemon in daemons:
-            await daemon.stop()
-        for remote in remotes:
-            await remote.close("done")
-    return coordinator
+    return await run_in_memory(shards, {"name": "privacy", "seed": 5, "model": MLP, "rounds": 1, "output": str(out), **config})
 
 
 def _records(out: Path) -> list[dict[str, Any]]:

@@ -9,15 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from fedlink.factory import ModelAllowList
 from fedlink.protocol.messages import Hello
-from fedlink.server.config import parse_config
 from fedlink.server.coordinator import Coordinator
-from fedlink.server.inmemory import connect_in_memory
 from fedlink.server.split import partition_classes
-from fedlink.shards import load_shard, save_shard
-from fedlink.worker.daemon import WorkerDaemon
-from fedlink.worker.service import WorkerService
+from fedlink.shards import save_shard
+
+from ..inmemory_jobs import run_in_memory
 
 HELLO = Hello(role="coordinator", peer_id="test")
 MLP = {"factory": "fedlink.models:mlp", "kwargs": {"in_features": 64, "hidden": 32, "num_classes": 10}}
@@ -57,22 +54,5 @@ def label_skewed_digits(
 
 async def run_job(shards: list[Path], out: Path, config: dict[str, Any], *, model: dict[str, Any] | None = None) -> Job:
     """Run a job of ``config`` (over the defaults below) against one in-memory worker per shard."""
-    daemons = [
-        WorkerDaemon(WorkerService(load_shard(shard), allow=ModelAllowList(), worker_id=f"worker-{i}"))
-        for i, shard in enumerate(shards)
-    ]
-    remotes = [(await connect_in_memory(daemon, hello=HELLO))[0] for daemon in daemons]
-    full = {
-        "name": "strategy-job", "seed": 1, "model": model or MLP, "rounds": 3,
-        "workers": [f"ws://in-memory-{i}:1" for i in range(len(remotes))],  # the in-memory remotes stand in
-        "output": str(out), **config,
-    }
-    coordinator = Coordinator(parse_config(full), workers=remotes)
-    try:
-        await coordinator.run()
-    finally:
-        for daemon in daemons:
-            await daemon.stop()
-        for remote in remotes:
-            await remote.close("done")
-    return Job(coordinator, out)
+    defaults = {"name": "strategy-job", "seed": 1, "model": model or MLP, "rounds": 3, "output": str(out)}
+    return Job(await run_in_memory(shards, {**defaults, **config}), out)
