@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import fedlink.secagg.server as secagg_server
 from fedlink.server.config import parse_config
 from fedlink.server.coordinator import Coordinator
+from fedlink.server.errors import NotEnoughWorkers
 from fedlink.server.localworkers import spawn_worker, stop_workers, wait_ready
 
 HERE = Path(__file__).resolve().parent
@@ -135,3 +137,34 @@ def test_mnist_ten_workers_secure_within_half_a_point_of_plain(shared_data: Path
     plain, secure_run = results[False][-1]["accuracy"], results[True][-1]["accuracy"]
     print(f"MNIST 10 workers, 10 rounds: plain {plain:.4f}, secure {secure_run:.4f}")
     assert abs(plain - secure_run) <= 0.005
+
+
+def test_a_coordinator_listing_a_worker_both_alive_and_dropped_gets_nothing(
+    digits: tuple[Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attack on double masking: ask for both kinds of share of one worker, to strip all its masks."""
+    shards, test = _shards(digits, tmp_path, 4)
+    workers = [wait_ready(spawn_worker(s, worker_id=f"worker-{i}", extra_args=["--threads", "1"])) for i, s in enumerate(shards)]
+    honest = secagg_server.ServerSecAgg.unmask_requests
+
+    def lying(self: Any) -> Any:
+        requests = honest(self)
+        return {w: r.model_copy(update={"dropped": [*r.dropped, "worker-0"]}) for w, r in requests.items()}
+
+    monkeypatch.setattr(secagg_server.ServerSecAgg, "unmask_requests", lying)
+    released: list[Any] = []
+    monkeypatch.setattr(secagg_server.ServerSecAgg, "finish", lambda self: released.append(self) or None)
+    try:
+        config = parse_config({
+            "name": "lying-coordinator", "seed": 3, "model": MLP, "workers": [w.url for w in workers], "rounds": 1,
+            "sampling": {"min_workers": 4}, "training": {"epochs": 1, "update": "delta"},
+            "secure_aggregation": {"clip_norm": 10}, "timeouts": {"round": 60, "round_retries": 0},
+            "evaluation": {"data": str(test)}, "output": str(tmp_path / "run"),
+        })
+        with caplog.at_level(logging.WARNING, logger="fedlink.server"), pytest.raises(NotEnoughWorkers):
+            asyncio.run(asyncio.wait_for(Coordinator(config).run(), 180))
+    finally:
+        stop_workers(workers)
+    refusals = [r.getMessage() for r in caplog.records if "at stage unmask" in r.getMessage()]
+    assert len(refusals) == 4 and all("alive and dropped" in message for message in refusals), refusals
+    assert not released, "no worker gave out a share that would unmask anyone"
