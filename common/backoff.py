@@ -32,18 +32,24 @@ async def keep_connected(
     stop: asyncio.Event,
     backoff: Backoff,
     on_retry: Callable[[float], None] | None = None,
+    redial_at_once: bool = False,
 ) -> None:
     """Connect, serve until the connection ends, and start again with backoff, until ``stop`` is set.
 
     The one reconnect loop of fedlink: a coordinator keeping a worker connected and a worker dialling out to a
     coordinator both run it. ``serve_once`` returns after its connection ended (or failed to open); it returns
     True when it did connect, which resets the backoff. ``on_retry`` hears each pause before it starts.
+    ``redial_at_once``: after a connection that was up, try again without a pause (a coordinator wants a lost
+    worker back within the round; a worker dialling out pauses, since the coordinator may have sent it away).
     """
     while not stop.is_set():
-        if await serve_once():
+        connected = await serve_once()
+        if connected:
             backoff.reset()
         if stop.is_set():
             return
+        if connected and redial_at_once:
+            continue
         delay = backoff.next_delay()
         if on_retry is not None:
             on_retry(delay)

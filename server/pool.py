@@ -181,7 +181,7 @@ class WorkerPool:
             await self._notify()
             return True
 
-        await keep_connected(serve_once, stop=self._stop, backoff=backoff)
+        await keep_connected(serve_once, stop=self._stop, backoff=backoff, redial_at_once=True)
 
     # -- dialling in -------------------------------------------------------------------------------------------
 
