@@ -7,7 +7,7 @@ Two codec paths are timed, each from a state dict to a decoded state dict:
 
 * ``msgpack``: :func:`~fedlink.protocol.tensors.encode_state` then :func:`~fedlink.protocol.tensors.decode_state`
   (one msgpack document, what files and tests use);
-* ``wire``: :func:`~fedlink.protocol.tensors.iter_state_chunks` -> :func:`~fedlink.protocol.frames.encode_data`
+* ``wire``: :func:`~fedlink.protocol.tensors.iter_state_pieces` -> :func:`~fedlink.protocol.frames.encode_data`
   -> :func:`~fedlink.protocol.frames.decode_frame` -> :meth:`~fedlink.protocol.tensors.StateAssembler.feed`, chunk by
   chunk (1 MiB by default), i.e. what a session does on both ends of a transfer, minus the socket.
 
@@ -41,7 +41,15 @@ import torch
 
 from fedlink.protocol.frames import DataFrame, decode_frame, encode_data
 from fedlink.protocol.limits import Limits, MiB
-from fedlink.protocol.tensors import State, StateAssembler, decode_state, encode_state, header_of, iter_state_chunks
+from fedlink.protocol.tensors import (
+    State,
+    StateAssembler,
+    decode_state,
+    encode_state,
+    header_of,
+    iter_state_chunks,
+    iter_state_pieces,
+)
 
 GOAL = 3.0
 VARIANTS = ("4x25MB", "1x100MB", "many-small")
@@ -143,7 +151,7 @@ def wire_path(state: State, chunk_bytes: int, limits: Limits) -> dict[str, float
     assembler = StateAssembler(header)
     mark = time.perf_counter()
     receive += mark - started  # allocating the assembler's first tensor is the receiver's work
-    chunks = iter_state_chunks(state, header, chunk_bytes)
+    chunks = iter_state_pieces(state, header, chunk_bytes)
     seq = 0
     while True:
         t0 = time.perf_counter()

@@ -76,7 +76,7 @@ def mnist(workers: int, classes: int | None, alpha: float | None, seed: int, roo
 
 @main.command()
 @click.option("--workers", type=int, default=2)
-@click.option("--seq-len", type=int, default=40)
+@click.option("--seq-len", type=int, default=60)
 @click.option("--vocab-size", type=int, default=20000)
 @click.option("--seed", type=int, default=0)
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None)

@@ -13,6 +13,7 @@ Every WebSocket message is binary and starts with a kind byte:
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +54,11 @@ def encode_message(message: Message) -> bytes:
     return bytes((KIND_CONTROL,)) + packed
 
 
-def encode_data(ref: int, seq: int, payload: bytes | memoryview) -> bytes:
-    return b"".join((_DATA_HEADER.pack(KIND_DATA, ref, seq), payload))
+def encode_data(ref: int, seq: int, payload: bytes | memoryview | Sequence[bytes | memoryview]) -> bytes:
+    """A data frame; ``payload`` may be a list of pieces, joined behind the header in one copy."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return b"".join((_DATA_HEADER.pack(KIND_DATA, ref, seq), payload))
+    return b"".join((_DATA_HEADER.pack(KIND_DATA, ref, seq), *payload))
 
 
 def decode_frame(data: Any, limits: Limits, *, preauth: bool = False) -> Message | DataFrame:

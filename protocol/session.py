@@ -37,7 +37,7 @@ from .errors import (
 from .frames import DataFrame, decode_frame, encode_data, encode_message
 from .limits import Limits
 from .messages import AUTH_SCHEME, AuthChallenge, AuthProof, Bye, Discard, ErrorMessage, Heartbeat, Hello, Message, Pull
-from .tensors import State, StateAssembler, StateHeader, check_header, header_of, iter_state_chunks
+from .tensors import State, StateAssembler, StateHeader, check_header, header_of, iter_state_pieces
 
 __all__ = ["Session", "Inbound", "RequestHandler", "handshake", "SessionOptions"]
 
@@ -558,9 +558,9 @@ class Session:
         if out.expiry is not None:
             out.expiry.cancel()
         try:
-            chunks = iter_state_chunks(out.state, out.header, self.limits.chunk_bytes)
-            for seq, chunk in enumerate(chunks):
-                await self._send_frame(encode_data(ref, seq, chunk))
+            chunks = iter_state_pieces(out.state, out.header, self.limits.chunk_bytes)
+            for seq, pieces in enumerate(chunks):
+                await self._send_frame(encode_data(ref, seq, pieces))
         except ProtocolError as exc:
             log.warning("sending state %d to %s failed: %s", ref, self.peer, exc)
             if not self.closed:

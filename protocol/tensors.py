@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import msgpack
@@ -33,6 +33,7 @@ __all__ = [
     "header_of",
     "check_header",
     "iter_state_chunks",
+    "iter_state_pieces",
     "StateAssembler",
     "encode_state",
     "decode_state",
@@ -58,6 +59,7 @@ DTYPES: dict[str, torch.dtype] = {
     "complex128": torch.complex128,
 }
 _NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+_ITEMSIZE: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 class TensorSpec(BaseModel):
@@ -116,9 +118,47 @@ def _spec(name: str, tensor: torch.Tensor) -> TensorSpec:
         raise StateMismatch(f"tensor {name!r} has dtype {tensor.dtype}, which fedlink cannot send")
     if not name:
         raise StateMismatch("a tensor with an empty name cannot be sent")
-    # Our own tensors need no validation (the dtype is known, torch shapes are non-negative ints); skipping it
-    # matters for states of many thousand small tensors.
-    return TensorSpec.model_construct(name=name, dtype=dtype, shape=tuple(tensor.shape))
+    # Our own tensors need no validation (the dtype is known, torch shapes are non-negative ints).
+    return _trusted_spec(name, dtype, tuple(tensor.shape))
+
+
+_SPEC_FIELDS = frozenset(TensorSpec.model_fields)
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+
+
+def _construct_spec(name: str, dtype: str, shape: tuple[int, ...]) -> TensorSpec:
+    """``TensorSpec.model_construct`` in a third of its time, which is a third of a state header's cost for states of
+    many thousand small tensors. It sets what pydantic's own constructor sets (the model's documented instance
+    attributes); :func:`_pick_spec_constructor` checks it against ``model_construct`` once and falls back if a
+    pydantic version differs."""
+    spec = _new_object(TensorSpec)
+    _set_attribute(spec, "__dict__", {"name": name, "dtype": dtype, "shape": shape})
+    _set_attribute(spec, "__pydantic_fields_set__", set(_SPEC_FIELDS))
+    _set_attribute(spec, "__pydantic_extra__", None)
+    _set_attribute(spec, "__pydantic_private__", None)
+    return spec
+
+
+def _pick_spec_constructor() -> Callable[[str, str, tuple[int, ...]], TensorSpec]:
+    def construct(name: str, dtype: str, shape: tuple[int, ...]) -> TensorSpec:
+        return TensorSpec.model_construct(name=name, dtype=dtype, shape=shape)
+
+    try:
+        fast, reference = _construct_spec("w", "float32", (2, 3)), construct("w", "float32", (2, 3))
+        same = (
+            fast == reference
+            and hash(fast) == hash(reference)
+            and fast.model_dump() == reference.model_dump()
+            and fast.model_fields_set == reference.model_fields_set
+            and vars(fast) == vars(reference)
+        )
+    except Exception:  # noqa: BLE001 - any difference at all means: use pydantic's own constructor
+        same = False
+    return _construct_spec if same else construct
+
+
+_trusted_spec = _pick_spec_constructor()
 
 
 def header_of(state: Mapping[str, torch.Tensor]) -> StateHeader:
@@ -172,49 +212,111 @@ def _compare(got: StateHeader, expected: StateHeader) -> None:
 
 def _raw(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes without copying (a contiguous CPU copy is made only when it is not one already)."""
+    try:
+        # The common case -- a contiguous CPU tensor of a dtype numpy knows, outside autograd -- in two calls,
+        # which is what keeps states of many thousand small tensors cheap. Anything else makes one of these raise.
+        return memoryview(tensor.numpy()).cast("B")  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        pass
     # resolve_conj/resolve_neg: a lazily conjugated (or negated) view cannot be reinterpreted as bytes; both are
     # no-ops for every other tensor.
     flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
-def iter_state_chunks(state: Mapping[str, torch.Tensor], header: StateHeader, chunk_bytes: int) -> Iterator[memoryview]:
-    """The state's bytes in ``header`` order, as views of at most ``chunk_bytes`` (no copies)."""
+def iter_state_pieces(
+    state: Mapping[str, torch.Tensor], header: StateHeader, chunk_bytes: int
+) -> Iterator[list[memoryview]]:
+    """The state's bytes in ``header`` order, as lists of views that add up to at most ``chunk_bytes`` each.
+
+    Nothing is copied: a chunk of many small tensors is the list of their views, which the frame encoder joins
+    behind its header in one go (:func:`~fedlink.protocol.frames.encode_data`).
+    """
     pending: list[memoryview] = []
     pending_size = 0
     for spec in header.tensors:
         # A header that does not describe the state (missing tensor, other dtype or shape) must fail as a
         # StateMismatch -- which the session reports to the peer -- not as a KeyError or as misread bytes.
         tensor = state.get(spec.name)
-        if tensor is None or tensor.dtype != DTYPES[spec.dtype] or tuple(tensor.shape) != spec.shape:
+        if tensor is None or tensor.dtype is not DTYPES[spec.dtype] or tensor.shape != spec.shape:
             raise StateMismatch(f"tensor {spec.name!r} changed while being sent")
         raw = _raw(tensor)
-        if len(raw) != spec.nbytes:
-            raise StateMismatch(f"tensor {spec.name!r} changed while being sent")
+        size = len(raw)
+        if size + pending_size < chunk_bytes:
+            # Most tensors of a many-tensor state are small: they are only collected here.
+            if size:
+                pending.append(raw)
+                pending_size += size
+            continue
         offset = 0
-        while offset < len(raw):
-            take = min(chunk_bytes - pending_size, len(raw) - offset)
-            piece = raw[offset : offset + take]
-            offset += take
-            if not pending and take == chunk_bytes:
-                yield piece
-                continue
-            pending.append(piece)
+        while offset < size:
+            take = min(chunk_bytes - pending_size, size - offset)
+            pending.append(raw[offset : offset + take] if take < size else raw)
             pending_size += take
+            offset += take
             if pending_size == chunk_bytes:
-                yield memoryview(b"".join(pending))
+                yield pending
                 pending, pending_size = [], 0
     if pending:
-        yield memoryview(b"".join(pending))
+        yield pending
+
+
+def iter_state_chunks(state: Mapping[str, torch.Tensor], header: StateHeader, chunk_bytes: int) -> Iterator[memoryview]:
+    """The state's bytes in ``header`` order, as buffers of at most ``chunk_bytes`` (a view where one tensor fills
+    the chunk, else the pieces joined)."""
+    for pieces in iter_state_pieces(state, header, chunk_bytes):
+        yield pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
+
+
+#: Tensors smaller than this are received into one buffer shared with their neighbours of the same dtype...
+_SMALL_TENSOR_BYTES = 64 * 1024
+#: ... of at most this many bytes, so that a kept small tensor keeps at most this much memory alive.
+_SHARED_BUFFER_BYTES = 1 << 20
+
+
+def _groups(specs: tuple[TensorSpec, ...]) -> list[tuple[int, int, list[int]]]:
+    """``(first, end, numels)``: index ranges of ``specs`` that are received into one buffer each.
+
+    A large tensor is a range of its own. Runs of small tensors of one dtype share a buffer: each then costs one
+    split of that buffer instead of an allocation and a copy of its own, which is what states of thousands of
+    small tensors (biases, norms, adapters) spend their time on.
+    """
+    groups: list[tuple[int, int, list[int]]] = []
+    first = 0
+    count = len(specs)
+    while first < count:
+        dtype = specs[first].dtype
+        itemsize = _ITEMSIZE[dtype]
+        numel = math.prod(specs[first].shape)
+        numels = [numel]
+        nbytes = numel * itemsize
+        end = first + 1
+        if nbytes < _SMALL_TENSOR_BYTES:
+            while end < count and specs[end].dtype == dtype:
+                numel = math.prod(specs[end].shape)
+                size = numel * itemsize
+                if size >= _SMALL_TENSOR_BYTES or nbytes + size > _SHARED_BUFFER_BYTES:
+                    break
+                numels.append(numel)
+                nbytes += size
+                end += 1
+        groups.append((first, end, numels))
+        first = end
+    return groups
 
 
 class StateAssembler:
-    """Rebuilds a state from its chunks, allocating each tensor once and writing bytes straight into it."""
+    """Rebuilds a state from its chunks, allocating each tensor once and writing bytes straight into it.
+
+    Small tensors of one dtype that follow each other are allocated together (see :func:`_groups`) and handed out
+    as views of their shared buffer.
+    """
 
     def __init__(self, header: StateHeader) -> None:
         self.header = header
-        self._specs = list(header.tensors)
-        self._index = 0
+        self._specs = header.tensors
+        self._groups = _groups(self._specs)
+        self._group = 0
         self._filled = 0
         self._current: np.ndarray | None = None
         self._current_tensor: torch.Tensor | None = None
@@ -224,23 +326,36 @@ class StateAssembler:
 
     @property
     def done(self) -> bool:
-        return self._index >= len(self._specs)
+        return self._group >= len(self._groups)
 
     def _advance(self) -> None:
         # Zero-sized tensors are complete before any byte arrives.
-        while self._index < len(self._specs):
-            spec = self._specs[self._index]
-            tensor = torch.empty(spec.numel, dtype=DTYPES[spec.dtype])
-            if spec.nbytes == 0:
-                self.state[spec.name] = tensor.reshape(spec.shape)
-                self._index += 1
-                continue
+        while self._group < len(self._groups):
+            first, _, numels = self._groups[self._group]
+            tensor = torch.empty(sum(numels), dtype=DTYPES[self._specs[first].dtype])
             self._current_tensor = tensor
-            self._current = tensor.view(torch.uint8).numpy()
             self._filled = 0
+            if tensor.numel() == 0:
+                self._complete()
+                continue
+            self._current = tensor.view(torch.uint8).numpy()
             return
         self._current = None
         self._current_tensor = None
+
+    def _complete(self) -> None:
+        """Hand out the tensors of the filled group and move on to the next."""
+        assert self._current_tensor is not None
+        first, end, numels = self._groups[self._group]
+        if end - first == 1:
+            spec = self._specs[first]
+            self.state[spec.name] = self._current_tensor.reshape(spec.shape)
+        else:
+            state = self.state
+            for spec, part in zip(self._specs[first:end], self._current_tensor.split_with_sizes(numels)):
+                # The split hands out 1-d views already: only other shapes need a view of their own.
+                state[spec.name] = part if len(spec.shape) == 1 else part.view(spec.shape)
+        self._group += 1
 
     def feed(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -255,9 +370,7 @@ class StateAssembler:
             self._filled += take
             pos += take
             if self._filled == len(self._current):
-                spec = self._specs[self._index]
-                self.state[spec.name] = self._current_tensor.reshape(spec.shape)
-                self._index += 1
+                self._complete()
                 self._advance()
         self.received += len(view)
 

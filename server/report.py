@@ -75,6 +75,19 @@ def markdown_table(runs: list[Run], *, target: float | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def line_styles(count: int, colours: list[str]) -> list[dict[str, str]]:
+    """One ``color``/``linestyle`` pair per run, all different for up to 3 x ``len(colours)`` runs.
+
+    matplotlib's default cycle has 10 colours, so an 11th run would look like the first; the line style changes
+    with each pass through the colours instead.
+    """
+    styles = ("-", "--", ":")
+    return [
+        {"color": colours[i % len(colours)], "linestyle": styles[(i // len(colours)) % len(styles)]}
+        for i in range(count)
+    ]
+
+
 def plot_runs(runs: list[Run], out: Path, *, title: str = "") -> None:
     import matplotlib
 
@@ -82,9 +95,10 @@ def plot_runs(runs: list[Run], out: Path, *, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for run in runs:
-        left.plot(*run.series("accuracy"), marker="o", markersize=2.5, label=run.name)
-        right.plot(*run.series("loss"), marker="o", markersize=2.5, label=run.name)
+    colours = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    for run, style in zip(runs, line_styles(len(runs), colours)):
+        left.plot(*run.series("accuracy"), marker="o", markersize=2.5, label=run.name, **style)
+        right.plot(*run.series("loss"), marker="o", markersize=2.5, label=run.name, **style)
     left.set(xlabel="round", ylabel="test accuracy", title="accuracy")
     right.set(xlabel="round", ylabel="test loss", title="loss", yscale="log")
     for axis in (left, right):

@@ -59,10 +59,14 @@ def rounds_to(history: list[dict[str, Any]], target: float = TARGET) -> int | No
 
 
 def run_jobs(
-    settings: Mapping[str, Mapping[str, Any]], *, rounds: int, out: Path, data: Path, quiet: bool = False
+    settings: Mapping[str, Mapping[str, Any]], *, rounds: int, out: Path, data: Path, quiet: bool = False,
+    training: Mapping[str, Any] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run one job per ``label -> strategy`` against the same 10 worker processes; returns each job's history."""
+    """Run one job per ``label -> strategy`` against the same 10 worker processes; returns each job's history.
+
+    ``training`` overrides keys of config.yaml's ``training`` section for every job."""
     base = yaml.safe_load((HERE / "config.yaml").read_text())
+    base["training"] = {**base["training"], **(training or {})}
     histories: dict[str, list[dict[str, Any]]] = {}
     workers = start_workers([data / f"shard-{i}.npy" for i in range(10)], extra_args=["--threads", "1"])
     try:

@@ -4,6 +4,7 @@ the pathological non-IID MNIST comparison (the full one is ``python examples/mni
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,14 +26,19 @@ def _example(name: str, urls: list[str], data: Path, out: Path, **changes: objec
     return asyncio.run(Coordinator(parse_config(config)).run())
 
 
-def test_sms_spam_gru_reaches_roc_auc_0975(sms2: Path, tmp_path: Path) -> None:
+def test_sms_spam_gru_reaches_roc_auc_099_within_5_rounds_for_three_seeds(sms2: Path, tmp_path: Path) -> None:
+    """The example's job as is, for run seeds 0, 1 and 2 (each gives the workers other seeds: other batch orders)."""
     workers = start_workers([sms2 / "shard-0.npy", sms2 / "shard-1.npy"], extra_args=["--threads", "1"])
     try:
-        history = _example("sms-spam", [w.url for w in workers], sms2, tmp_path / "run")
+        histories = {seed: _example("sms-spam", [w.url for w in workers], sms2, tmp_path / f"run-{seed}", seed=seed)
+                     for seed in (0, 1, 2)}
     finally:
         stop_workers(workers)
-    assert len(history) == 15 and all(h["workers"] == 2 for h in history)
-    assert history[-1]["roc_auc"] >= 0.975, [round(h["roc_auc"], 4) for h in history]
+    aucs = {seed: [round(h["roc_auc"], 4) for h in history] for seed, history in histories.items()}
+    assert all(len(history) == 5 and all(h["workers"] == 2 for h in history) for history in histories.values())
+    assert all(max(curve) >= 0.99 for curve in aucs.values()), aucs
+    # Different seeds must give different runs, or the three would prove no more than one.
+    assert len({tuple(curve) for curve in aucs.values()}) == 3, aucs
 
 
 def test_pathological_noniid_mnist_learns_with_half_the_workers_per_round(shared_data: Path, tmp_path: Path) -> None:
@@ -56,7 +62,11 @@ def test_pathological_noniid_mnist_learns_with_half_the_workers_per_round(shared
 
 @pytest.mark.slow
 def test_full_noniid_comparison(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "mnist-noniid" / "compare.py"), "--out", str(tmp_path)], timeout=3600)
+    """The README's comparison: some strategy reaches 95% within 25 rounds, and SCAFFOLD before FedAvg."""
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "mnist-noniid" / "compare.py"), "--out", str(tmp_path)], timeout=5400)
     assert done.returncode == 0
-    table = (tmp_path / "compare.md").read_text()
-    assert "fedavgm" in table
+    summary = {row["label"]: row for row in map(json.loads, (tmp_path / "summary.jsonl").read_text().splitlines())}
+    reached = {label: row["rounds_to_95"] or 10**6 for label, row in summary.items()}
+    assert min(reached.values()) <= 25, reached
+    assert reached["scaffold"] < reached["fedavg"], reached
+    assert "scaffold" in (tmp_path / "compare.md").read_text()

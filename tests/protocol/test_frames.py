@@ -188,6 +188,8 @@ def test_data_frame_fixed_bytes() -> None:
     assert expected == b"\x02\x00\x00\x00\x00\x00\x00\x00\x05\x00\x00\x00\x02abc"
     assert encode_data(5, 2, b"abc") == expected
     assert encode_data(5, 2, memoryview(b"abc")) == expected
+    assert encode_data(5, 2, [b"a", memoryview(b"bc")]) == expected, "pieces are joined behind the header"
+    assert encode_data(5, 2, bytearray(b"abc")) == expected
     frame = decode_frame(expected, LIMITS)
     assert isinstance(frame, DataFrame)
     assert (frame.ref, frame.seq, bytes(frame.payload)) == (5, 2, b"abc")

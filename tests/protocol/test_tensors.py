@@ -548,3 +548,50 @@ def test_lazy_conjugate_and_negative_views_round_trip() -> None:
     want = {name: t.resolve_conj().resolve_neg() for name, t in state.items()}
     assert_bit_exact(decode_state(encode_state(state)), want)
     assert_bit_exact(assemble(state, 7), want)
+
+
+# -- many small tensors -------------------------------------------------------------------------------------------
+
+
+def test_small_tensors_are_received_into_shared_buffers_of_at_most_a_mebibyte() -> None:
+    """Runs of small same-dtype tensors share one buffer; a dtype change, a large tensor or a full buffer ends a run."""
+    g = torch.Generator().manual_seed(7)
+    state: State = {f"small{i}": torch.randn(2560, generator=g) for i in range(300)}  # 10 KiB each, 3 MiB in all
+    state["flag"] = torch.tensor([True, False, True])  # a run of another dtype, 3 bytes: misaligns what follows
+    state["scalar"] = torch.tensor(2.5)
+    state["empty"] = torch.zeros(0)
+    state["big"] = torch.randn(40_000, generator=g)  # 160 KiB: a buffer of its own
+    state["bf16"] = torch.randn(7, generator=g).to(torch.bfloat16)
+    state["tail"] = torch.randn(3, 5, generator=g)
+    got = assemble(state, 1000)
+    assert_bit_exact(got, state)
+    storages: dict[int, list[str]] = {}
+    for name, tensor in got.items():
+        if tensor.numel():
+            storages.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
+    groups = list(storages.values())
+    assert ["big"] in groups and ["flag"] in groups and ["bf16"] in groups and ["tail"] in groups
+    runs = [group for group in groups if group[0].startswith("small")]
+    assert [len(group) for group in runs] == [102, 102, 96], "10 KiB tensors, 102 to a mebibyte"
+    assert ["scalar"] in groups, "a float32 scalar after the bool run starts a new buffer"
+    assert all(got[name].is_contiguous() for name in got)
+
+
+def test_a_kept_small_tensor_can_be_written_without_touching_its_neighbours() -> None:
+    state = {f"t{i}": torch.full((4,), float(i)) for i in range(10)}
+    got = assemble(state, 64)
+    got["t3"].add_(100.0)
+    assert_bit_exact({k: v for k, v in got.items() if k != "t3"}, {k: v for k, v in state.items() if k != "t3"})
+
+
+def test_the_fast_tensor_spec_equals_pydantics_own() -> None:
+    from fedlink.protocol import tensors
+
+    assert tensors._trusted_spec is tensors._construct_spec, "this pydantic version needs model_construct"
+    for name, tensor in {"w": torch.zeros(2, 3), "s": torch.tensor(1), "e": torch.zeros(0, 4)}.items():
+        fast = header_of({name: tensor}).tensors[0]
+        validated = TensorSpec(name=name, dtype=str(tensor.dtype).removeprefix("torch."), shape=tuple(tensor.shape))
+        assert fast == validated and hash(fast) == hash(validated) and fast.model_dump() == validated.model_dump()
+        assert StateHeader(tensors=(fast,)) == StateHeader(tensors=(validated,))
+        with pytest.raises(Exception, match="frozen"):
+            fast.name = "other"  # type: ignore[misc]
