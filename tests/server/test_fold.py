@@ -84,3 +84,50 @@ async def test_unknown_or_finished_workers_are_refused() -> None:
     fold.release("a")
     with pytest.raises(RuntimeError, match="already finished"):
         await fold.admit("a")
+
+
+async def test_a_release_wakes_only_who_may_go_on() -> None:
+    """n workers arriving last-first: the admission rule is checked O(n) times in all, not O(n^2).
+
+    Woken all at once on every release, a thousand waiting workers cost the coordinator seconds of CPU a round.
+    """
+    checks = 0
+
+    class Counting(OrderedFold):
+        def _may_admit(self, worker: str) -> bool:
+            nonlocal checks
+            checks += 1
+            return super()._may_admit(worker)
+
+    n = 500
+    order = [f"w{i:03d}" for i in range(n)]
+    fold = Counting(order, capacity=4)
+    folded: list[str] = []
+
+    async def worker(name: str) -> None:
+        await fold.admit(name)
+        await fold.turn(name)
+        folded.append(name)
+        fold.release(name)
+
+    tasks = []
+    for name in reversed(order):
+        tasks.append(asyncio.ensure_future(worker(name)))
+        await asyncio.sleep(0)
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert folded == order
+    assert checks <= 10 * n, checks
+
+
+async def test_a_cancelled_waiter_gives_its_place_back() -> None:
+    fold = OrderedFold(["first", "b", "c", "d"], capacity=2)
+    await fold.admit("b")  # the one place that is not the frontier's
+    waiting = asyncio.ensure_future(fold.admit("c"))
+    behind = asyncio.ensure_future(fold.admit("d"))
+    await asyncio.sleep(0)
+    assert not waiting.done() and not behind.done()
+    waiting.cancel()
+    await asyncio.sleep(0)
+    fold.release("b")
+    await asyncio.wait_for(behind, 1)
+    assert fold.holders == {"d"}, "c's cancelled wait took no place; d got b's"
