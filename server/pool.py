@@ -88,9 +88,21 @@ class WorkerPool:
     def connected(self) -> list[RemoteWorker]:
         return [w for w in self.all() if w.connected]
 
+    def connected_count(self) -> int:
+        """``len(self.connected())`` without building and sorting the list: it is checked on every connection."""
+        return sum(1 for w in self.configured if w.connected) + sum(1 for w in self.dialled_in.values() if w.connected)
+
     def live(self, worker_id: str) -> RemoteWorker | None:
-        """The connected worker using ``worker_id``, if any."""
-        return next((w for w in self.all() if w.connected and w.name == worker_id), None)
+        """The connected worker using ``worker_id``, if any.
+
+        A dialled-in worker is found by its key (its id), not by a scan: this runs for every connection, and a
+        scan made a thousand workers dialling in cost a million checks.
+        """
+        configured = next((w for w in self.configured if w.connected and w.name == worker_id), None)
+        if configured is not None:
+            return configured
+        dialled = self.dialled_in.get(worker_id)
+        return dialled if dialled is not None and dialled.connected and dialled.name == worker_id else None
 
     def _refuse_duplicate(self, peer: Hello, *, newcomer: RemoteWorker | None) -> None:
         holder = self.live(peer.peer_id)
@@ -119,7 +131,7 @@ class WorkerPool:
         try:
             async with asyncio.timeout(timeout):
                 async with self._changed:
-                    await self._changed.wait_for(lambda: len(self.connected()) >= count)
+                    await self._changed.wait_for(lambda: self.connected_count() >= count)
         except TimeoutError:
             missing = "; ".join(f"{w.url}: {w.last_error or 'not connected'}" for w in self.all() if not w.connected)
             raise NotEnoughWorkers(
