@@ -213,7 +213,9 @@ def make_shards(folder: Path, count: int, *, samples: int, features: int) -> lis
     ]
 
 
-def job_config(urls: list[str], *, megabytes: float, rounds: int, output: Path) -> dict[str, Any]:
+def job_config(
+    urls: list[str], *, megabytes: float, rounds: int, output: Path, concurrent_uploads: int = 4
+) -> dict[str, Any]:
     return {
         "name": "bench-coordinator-memory",
         "seed": 0,
@@ -225,6 +227,7 @@ def job_config(urls: list[str], *, megabytes: float, rounds: int, output: Path) 
                      "optimizer": {"name": "sgd", "lr": 0.01}},
         "strategy": {"name": "fedavg"},
         "timeouts": {"round": 300},
+        "limits": {"concurrent_uploads": concurrent_uploads},
         "output": str(output),
     }
 
@@ -261,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--megabytes", type=float, default=50.0, help="model size (sized_mlp's megabytes, MiB)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per repetition")
+    parser.add_argument("--concurrent-uploads", type=int, default=4,
+                        help="limits.concurrent_uploads: updates received or waiting to fold at once (1: the least memory)")
     parser.add_argument("--reps", type=int, default=3, help="coordinator runs (fresh process each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the coordinator")
     parser.add_argument("--interval", type=float, default=0.002, help="psutil sampling interval, seconds")
@@ -301,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             urls = [w.url for w in started]
             for rep in range(args.reps):
                 spec = {
-                    "config": job_config(urls, megabytes=args.megabytes, rounds=args.rounds, output=folder / f"run-{rep}"),
+                    "config": job_config(urls, megabytes=args.megabytes, rounds=args.rounds, output=folder / f"run-{rep}",
+                                         concurrent_uploads=args.concurrent_uploads),
                     "threads": args.threads,
                     "heap_interval": args.interval / 2,
                 }
