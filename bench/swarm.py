@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedlink.server.progress import Progress
+
 GOAL_SECONDS = 2.0
 
 
@@ -103,27 +105,10 @@ def child(url: str, token_file: Path, shard_path: Path, first: int, count: int) 
 # -- parent: the coordinator and the measurements -----------------------------------------------------------------
 
 
-class _Watch:
-    """Progress events the measurements need: when each worker connected, and each stage's outcomes."""
+class _Watch(Progress):
+    """The progress events the measurements need: when the workers connected, and when each round ended."""
 
     def __init__(self, expected: int) -> None:
-        from fedlink.server.progress import Progress
-
-        class Events(Progress):
-            def worker_connected(inner, worker: str) -> None:  # noqa: N805 - the outer object holds the state
-                self.connected.add(worker)
-                if len(self.connected) == 1:
-                    self.first_connected = time.perf_counter()
-                if len(self.connected) == self.expected and self.all_connected is None:
-                    self.all_connected = time.perf_counter()
-                    self.rss_connected = _rss_mib()
-                    self.cpu_mark = time.process_time()
-
-            def round_finished(inner, record: dict[str, Any]) -> None:  # noqa: N805
-                now = time.process_time()
-                self.round_cpu[record["round"]] = now - self.cpu_mark
-                self.cpu_mark = now
-
         self.expected = expected
         self.connected: set[str] = set()
         self.first_connected: float | None = None
@@ -131,7 +116,20 @@ class _Watch:
         self.rss_connected = float("nan")
         self.cpu_mark = time.process_time()
         self.round_cpu: dict[int, float] = {}
-        self.progress = Events()
+
+    def worker_connected(self, worker: str) -> None:
+        self.connected.add(worker)
+        if len(self.connected) == 1:
+            self.first_connected = time.perf_counter()
+        if len(self.connected) == self.expected and self.all_connected is None:
+            self.all_connected = time.perf_counter()
+            self.rss_connected = _rss_mib()
+            self.cpu_mark = time.process_time()
+
+    def round_finished(self, record: dict[str, Any]) -> None:
+        now = time.process_time()
+        self.round_cpu[record["round"]] = now - self.cpu_mark
+        self.cpu_mark = now
 
 
 def _free_port() -> int:
@@ -190,7 +188,7 @@ def main() -> int:
         "strategy": {"name": "fedavg"},
     })
     watch = _Watch(args.workers)
-    coordinator = Coordinator(config, progress=watch.progress)
+    coordinator = Coordinator(config, progress=watch)
     for name in ("fedlink", "fedlink.server", "websockets", "websockets.server"):
         logging.getLogger(name).setLevel(logging.WARNING)
     params = sum(t.numel() for t in coordinator.state.values())

@@ -64,7 +64,7 @@ class OrderedFold:
         """Wait for a place to receive ``worker``'s update; returns the seconds waited (not the worker's fault)."""
         self._check(worker)
         started = time.monotonic()
-        if not self._admitting and self._may_admit(worker) or worker == self.frontier:
+        if worker == self.frontier or (not self._admitting and self._may_admit(worker)):
             self._holders.add(worker)
             return 0.0
         place = self._admitting[worker] = asyncio.get_running_loop().create_future()

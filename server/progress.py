@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console, Group
@@ -92,7 +92,7 @@ class LiveProgress(Progress):
     so an event costs a dictionary update however many workers there are.
     """
 
-    def __init__(self, console: Console, *, max_rows: int = MAX_WORKER_ROWS, clock: Any = time.monotonic) -> None:
+    def __init__(self, console: Console, *, max_rows: int = MAX_WORKER_ROWS, clock: Callable[[], float] = time.monotonic) -> None:
         self._console = console
         self._clock = clock
         self._max_rows = max_rows
