@@ -177,6 +177,8 @@ class TrainingPlan(_Strict):
     max_steps: int | None = Field(None, ge=1)
     hooks: tuple[HookSpec, ...] = Field((), max_length=32)
     privacy: PrivacyPlan | None = None
+    # The global state's floating-point tensors travel in this dtype (training.download); None: as they are.
+    download: Literal["float16", "bfloat16"] | None = None
 
     def with_hook(self, hook: HookSpec) -> "TrainingPlan":
         """A copy with ``hook`` added (or replacing the hook of the same name, keeping its place)."""

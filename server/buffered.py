@@ -28,6 +28,7 @@ from .rounds import RoundReport, round_context
 from .strategy.base import ClientUpdate, as_aggregate
 from .strategy.fedbuff import BufferedAggregation, FedBuff
 from .train_stage import check_result, derive_seed
+from .transfer import DownloadCache
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator
@@ -97,29 +98,34 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
     async def one_request(worker: RemoteWorker, count: int) -> bool:
         """One request to ``worker``; returns whether its update was taken."""
         base = buffer.version
+        transfer = coordinator.transfer.negotiate(
+            worker, strategy.configure_train(base + 1, coordinator._plan(base + 1)), header
+        )
         request = TrainRequest(
             round=base + 1,
             task_id=f"b{base + 1}-{worker.name}-{count}",
             model=config.model,
-            plan=strategy.configure_train(base + 1, coordinator._plan(base + 1)).model_copy(
-                update={"seed": derive_seed(config.seed, "fedbuff", worker.name, count)}
-            ),
+            plan=transfer.plan.model_copy(update={"seed": derive_seed(config.seed, "fedbuff", worker.name, count)}),
             run=coordinator.run_id,
             worker=worker.route,
         )
+        sent, sent_header = DownloadCache(coordinator.state, header).get(transfer.download)
         outcome = WorkerOutcome(worker=worker.name)
         started = time.perf_counter()
         coordinator.progress.worker_status(base + 1, worker.name, "training")
         try:
             assert worker.session is not None
             async with asyncio.timeout(config.timeouts.round):
-                inbound = await worker.session.request(request, state=coordinator.state, header=header, timeout=None)
+                inbound = await worker.session.request(request, state=sent, header=sent_header, timeout=None)
                 result = inbound.message
                 if not isinstance(result, TrainResult):
                     raise InvalidUpdate(f"answered a train request with {result.type!r}")
                 check_result(result, request=request, max_samples=worker.num_samples)
                 async with uploads:
-                    state = await inbound.fetch(expected=header)
+                    state = await inbound.fetch(expected=transfer.wire_header)
+                outcome.download_bytes, outcome.upload_bytes = sent_header.nbytes, transfer.wire_header.nbytes
+            if transfer.compression.name != "none":
+                state = await asyncio.to_thread(transfer.decode, state)
             bad = non_finite(state)
             if bad:
                 raise InvalidUpdate(f"NaN or infinite values in {', '.join(bad[:5])}")

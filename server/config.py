@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
+from fedlink.compression import CompressionSpec, DownloadDtype
 from fedlink.display import PEER_ID_PATTERN
 from fedlink.privacy import PrivacyConfig
 from fedlink.protocol.limits import Limits
@@ -108,6 +109,19 @@ class TrainingConfig(_Section):
     grad_clip: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, ge=1, description="cap on local steps per round (per worker)")
     lr_decay: float = Field(1.0, gt=0, le=1, description="learning rate multiplier per round: lr * lr_decay**(round-1)")
+    compression: CompressionSpec = Field(
+        CompressionSpec(), description="how updates travel: none, float16, bfloat16, int8 or topk (with ratio)"
+    )
+    download: DownloadDtype = Field("float32", description="dtype of the global state's floating-point tensors on the wire")
+
+    @model_validator(mode="after")
+    def _compression_fits_update(self) -> "TrainingConfig":
+        if self.compression.name in ("int8", "topk") and self.update == "weights":
+            raise ValueError(
+                f"training.compression {self.compression.name} quantises or drops values, which whole weights cannot "
+                "afford: use training.update delta (or gradients)"
+            )
+        return self
 
 
 class StrategyConfig(_Section):
@@ -293,6 +307,13 @@ class JobConfig(_Section):
             )
         if self.training.update == "gradients":
             raise ValueError("secure_aggregation sums deltas: use training.update 'delta' or 'weights' (sent as a delta)")
+        if self.training.compression.name != "none":
+            raise ValueError(
+                "training.compression does not apply under secure_aggregation, which already sends each update as "
+                "masked integers of secure_aggregation.bits; set training.compression to none"
+            )
+        if self.training.download != "float32":
+            raise ValueError("training.download applies to plain rounds only; under secure_aggregation use float32")
         return self
 
     @model_validator(mode="after")
@@ -339,6 +360,10 @@ class JobConfig(_Section):
         if self.sampling.mode == "fixed":  # as before sampling.mode existed: older checkpoints still resume
             shaped["sampling"].pop("mode")
             shaped["sampling"].pop("rate")
+        if self.training.compression.name == "none":  # as before compression existed: older checkpoints resume
+            shaped["training"].pop("compression")
+        if self.training.download == "float32":
+            shaped["training"].pop("download")
         if self.privacy is not None:  # a stopping rule, not the trajectory: a run may resume with a larger budget
             shaped["privacy"].pop("max_epsilon")
         if self.simulation is not None:  # the virtual workers' data, not how many processes run them

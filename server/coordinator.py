@@ -34,6 +34,7 @@ from .evaluate_stage import EvaluateStage, weighted_evaluation
 from .secure_rounds import SecureRound
 from .privacy import CentralDPStrategy, DistributedDPStrategy, RunPrivacy
 from .rounds import RoundReport, derive_seed, run_round
+from .transfer import TransferFormat
 from .security import Security
 from .strategy import Strategy, build_strategy
 
@@ -121,6 +122,8 @@ class Coordinator:
             self.secure = SecureRound(config.secure_aggregation, self.strategy)
             self.secure.privacy = self.privacy  # distributed DP: levels with room for the noise, ledger, denominator
             self.secure.check(self.state)
+        # training.compression and training.download, granted per worker by what its hello offers (.transfer).
+        self.transfer = TransferFormat(compression=config.training.compression, download=config.training.download)
         # Keys the workers' per-run stores; stable across --resume, different for another job or seed.
         self.run_id = hashlib.sha256(f"{config.name}\0{config.fingerprint()}".encode()).hexdigest()[:16]
         self.history: list[dict[str, Any]] = []
@@ -301,6 +304,7 @@ class Coordinator:
                     max_update_norm=config.limits.max_update_norm,
                     max_weight_share=config.sampling.max_weight_share,
                     workflow=self.secure.run if self.secure is not None else None,
+                    transfer=self.transfer,
                 )
                 await self._check_new_state(report)
                 return report
@@ -404,6 +408,8 @@ class Coordinator:
             "round_seconds": report.seconds,
             "wall_seconds": report.wall_seconds,
             "slowest_train_seconds": max((o.train_seconds for o in contributed), default=0.0),
+            "download_bytes": sum(o.download_bytes for o in report.trained),
+            "upload_bytes": sum(o.upload_bytes for o in contributed),
             "dropped": {o.worker: o.reason for o in report.trained if o.status != "ok"},
         }
         # What the strategy (and federated evaluation) reported; never overwrites the fields above.

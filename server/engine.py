@@ -33,6 +33,7 @@ from fedlink.protocol.tensors import State, StateHeader, header_of
 from .errors import InvalidUpdate, NotEnoughWorkers
 from .remote import RemoteWorker
 from .strategy.base import Aggregation, RoundContext
+from .transfer import TransferFormat
 
 __all__ = [
     "RoundObserver",
@@ -68,6 +69,8 @@ class WorkerOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
     seconds: float = 0.0
+    download_bytes: int = 0  # tensor payload sent to the worker in this stage
+    upload_bytes: int = 0  # tensor payload received from it, as it travelled (compressed)
 
     def record(self, server_round: int) -> dict[str, Any]:
         return {
@@ -78,6 +81,8 @@ class WorkerOutcome:
             "reason": self.reason,
             "samples": self.num_samples,
             "seconds": round(self.seconds, 6),
+            **({"download_bytes": self.download_bytes} if self.download_bytes else {}),
+            **({"upload_bytes": self.upload_bytes} if self.upload_bytes else {}),
             "metrics": dict(self.metrics),
         }
 
@@ -233,6 +238,7 @@ class RoundDriver:
         observer: RoundObserver | None = None,
         max_update_norm: float = math.inf,
         max_weight_share: float = 1.0,
+        transfer: TransferFormat | None = None,
     ) -> None:
         self.server_round = server_round
         self.selected = list(workers)
@@ -251,6 +257,7 @@ class RoundDriver:
         self.max_samples = dict(max_samples or {})
         self.max_update_norm = max_update_norm
         self.max_weight_share = max_weight_share
+        self.transfer = transfer
         self.observer = observer
         self.outcomes: list[WorkerOutcome] = []
         self.stages: list[StageOutcome[Any]] = []
@@ -307,6 +314,7 @@ class RoundDriver:
             observer=self.observer,
             max_update_norm=self.max_update_norm,
             max_weight_share=self.max_weight_share,
+            transfer=self.transfer,
         )
 
     async def end(self) -> None:

@@ -24,6 +24,7 @@ from .remote import RemoteWorker
 from .strategy import Strategy
 from .strategy.base import Aggregate, RoundContext
 from .train_stage import check_result, derive_seed
+from .transfer import TransferFormat
 
 log = logging.getLogger("fedlink.server")
 
@@ -75,9 +76,11 @@ async def run_round(
     max_update_norm: float = math.inf,
     max_weight_share: float = 1.0,
     workflow: Callable[[RoundDriver], Awaitable[Aggregate]] | None = None,
+    transfer: TransferFormat | None = None,
 ) -> RoundReport:
     """Run one round of ``strategy`` over ``workers``; raises NotEnoughWorkers below a stage's floor.
 
+    ``transfer`` is the run's compression and download dtype, negotiated per worker (plain float32 when None).
     ``workflow`` replaces the strategy's own round (secure aggregation runs its four stages around the strategy).
     ``timeout`` is each worker's own budget for a stage, in seconds (``deadline``, an event-loop time, is accepted
     for callers that think in absolute time and is turned into the same budget).
@@ -106,6 +109,7 @@ async def run_round(
         observer=observer,
         max_update_norm=max_update_norm,
         max_weight_share=max_weight_share,
+        transfer=transfer,
     )
     try:
         aggregate = await (workflow(driver) if workflow is not None else strategy.run_round(driver))

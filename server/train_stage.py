@@ -30,6 +30,7 @@ from .engine import RoundObserver, Stage, StageCall, WorkerOutcome
 from .errors import InvalidUpdate
 from .fold import OrderedFold
 from .remote import RemoteWorker
+from .transfer import DownloadCache, TransferFormat, WorkerTransfer
 from .strategy import Aggregation, ClientUpdate
 
 __all__ = ["TrainStage", "check_result", "derive_seed", "share_cap", "fold_weights"]
@@ -121,6 +122,7 @@ class TrainStage(Stage[None]):
         name: str = "train",
         max_update_norm: float = math.inf,
         max_weight_share: float = 1.0,
+        transfer: TransferFormat | None = None,
     ) -> None:
         super().__init__(name, timeout=timeout, min_survivors=min_survivors)
         self.aggregation = aggregation
@@ -136,6 +138,9 @@ class TrainStage(Stage[None]):
         self.observer = observer
         self.max_update_norm = max_update_norm
         self.max_weight_share = max_weight_share
+        self.transfer = transfer or TransferFormat()
+        self._download = DownloadCache(global_state, header)
+        self._transfers: dict[str, WorkerTransfer] = {}
         self._requests: dict[str, TrainRequest] = {}
         self._fold: OrderedFold | None = None
         self._weights: dict[str, int] = {}
@@ -150,20 +155,24 @@ class TrainStage(Stage[None]):
         return f"missed the round deadline (timeouts.round, {self.timeout:g}s)"
 
     def request(self, server_round: int, worker: RemoteWorker) -> StageCall:
+        transfer = self.transfer.negotiate(worker, self.plan, self.update_header)
         request = TrainRequest(
             round=server_round,
             task_id=f"r{server_round}-{worker.name}",
             model=self.model,
-            plan=self.plan.model_copy(update={"seed": derive_seed(self.seed, server_round, worker.name)}),
+            plan=transfer.plan.model_copy(update={"seed": derive_seed(self.seed, server_round, worker.name)}),
             run=self.run_id,
             worker=worker.route,
         )
         self._requests[worker.name] = request
-        return StageCall(request, self.global_state, self.header)
+        self._transfers[worker.name] = transfer
+        state, header = self._download.get(transfer.download)
+        return StageCall(request, state, header)
 
     async def accept(self, worker: RemoteWorker, inbound: Inbound, outcome: WorkerOutcome, deadline: float) -> None:
         assert self._fold is not None
         result = inbound.message
+        outcome.download_bytes = self._download.get(self._transfers[worker.name].download)[1].nbytes
         if not isinstance(result, TrainResult):
             raise InvalidUpdate(f"answered a train request with {result.type!r}")
         outcome.train_seconds = result.train_seconds
@@ -171,8 +180,12 @@ class TrainStage(Stage[None]):
         waited = await self._fold.admit(worker.name)
         if self.observer is not None:
             self.observer.worker_status(self._requests[worker.name].round, worker.name, "uploading", "")
+        transfer = self._transfers[worker.name]
         async with asyncio.timeout_at(deadline + waited):
-            state = await inbound.fetch(expected=self.update_header)
+            state = await inbound.fetch(expected=transfer.wire_header)
+        outcome.upload_bytes = transfer.wire_header.nbytes
+        if transfer.compression.name != "none":
+            state = await asyncio.to_thread(transfer.decode, state)
         # One float64 pass: a finite norm means finite values; only a bad update pays for naming its tensors.
         norm = await asyncio.to_thread(update_norm, state)
         if not math.isfinite(norm):

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from fedlink.errors import ModelError
+from fedlink.compression import download_header
 from fedlink.factory import ModelAllowList, build_model
 from fedlink.hooks import HookContext, HookError, TrainingHook, build_hooks, hook_inputs
 from fedlink.plugins import PluginAllowList, PluginError, PluginNotAllowed
@@ -141,7 +142,7 @@ class WorkerService:
     def train_header(self, request: TrainRequest) -> StateHeader:
         """The state a train request must announce: the model's tensors, plus those its plan's hooks take with it
         (:meth:`fedlink.hooks.TrainingHook.inputs`). Refuses unknown or disallowed hooks before a byte moves."""
-        model = self.check_model(request.model)
+        model = download_header(self.check_model(request.model), request.plan.download or "float32")
         if not request.plan.hooks:
             return model
         try:
@@ -154,6 +155,7 @@ class WorkerService:
             raise BadRequest(str(exc)) from exc
         if not extra:
             return model
+        extra = download_header(StateHeader(tensors=extra), request.plan.download or "float32").tensors
         clash = sorted({t.name for t in extra} & {t.name for t in model.tensors})
         if clash:
             raise BadRequest(f"training hooks take tensors named like the model's own: {', '.join(clash[:5])}")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedlink.compression import CAPABILITIES
 from fedlink.factory import ModelAllowList
 from fedlink.plugins import PluginAllowList
 from fedlink.protocol.auth import Keyring, Secret
@@ -144,7 +145,7 @@ class VirtualHost:
             role="worker",
             peer_id=f"sim-host-{self.spec.index}",
             software=f"fedlink {__version__}",
-            capabilities=("train", "evaluate", "stages", "weights", "delta", "gradients", "virtual"),
+            capabilities=("train", "evaluate", "stages", "weights", "delta", "gradients", "virtual", *CAPABILITIES),
             dataset=DatasetInfo(
                 num_samples=int(self._y.shape[0]), sample_shape=tuple(int(d) for d in self._x.shape[1:]),
                 x_dtype=str(self._x.dtype.name),

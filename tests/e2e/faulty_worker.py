@@ -2,8 +2,9 @@
 
 MODE is ``nan`` (an update with NaN in it), ``shape`` (a tensor of the wrong shape), ``signflip`` (the honest
 update sign-flipped around the global model and scaled by 10), ``huge`` (every floating-point value 3e38: finite
-float32, with an honest sample count) or ``claim`` (honest training, but 10**18 samples claimed in the hello and in
-every result). Everything else is the real ``fl-worker``.
+float32, with an honest sample count), ``claim`` (honest training, but 10**18 samples claimed in the hello and in
+every result), ``topk-index`` (a compressed top-k update whose last index points past its tensor) or ``int8-scale``
+(a compressed int8 update with an infinite scale). Everything else is the real ``fl-worker``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 import torch
 
 import fedlink.worker.cli as cli
+from fedlink.compression import INDEX_PREFIX, SCALE_PREFIX
 from fedlink.protocol.messages import DatasetInfo, TrainRequest, TrainResult
 from fedlink.protocol.tensors import State
 from fedlink.worker.service import WorkerService
@@ -45,6 +47,13 @@ class FaultyService(WorkerService):
             update = {k: torch.full_like(v, 3e38) if v.is_floating_point() else v for k, v in update.items()}
         elif self.mode == "claim":
             result = result.model_copy(update={"num_samples": CLAIM})
+        elif self.mode == "topk-index":
+            index = next(name for name in update if name.startswith(INDEX_PREFIX))
+            update[index] = update[index].clone()
+            update[index][-1] = int(torch.iinfo(update[index].dtype).max)
+        elif self.mode == "int8-scale":
+            scale = next(name for name in update if name.startswith(SCALE_PREFIX))
+            update[scale] = torch.tensor(float("inf"))
         return result, update
 
 

@@ -1,0 +1,109 @@
+"""How the global state and each update travel to and from one worker: the run's compression and download dtype,
+negotiated against what the worker's hello offers.
+
+``training.compression`` and ``training.download`` are what the operator wants; a worker gets them only if its
+hello lists the capability (:data:`fedlink.compression.CAPABILITIES`). One that does not (an older fedlink) trains
+and uploads as before, and the coordinator says so once per worker, not once per round.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from fedlink.compression import (
+    CompressionError,
+    CompressionSpec,
+    DownloadDtype,
+    capability,
+    cast_download,
+    decompress,
+    download_header,
+    wire_header,
+)
+from fedlink.protocol.messages import HookSpec, TrainingPlan
+from fedlink.protocol.tensors import State, StateHeader
+
+from .errors import InvalidUpdate
+from .remote import RemoteWorker
+
+__all__ = ["TransferFormat", "WorkerTransfer", "download_capability"]
+
+log = logging.getLogger("fedlink.server")
+
+
+def download_capability(dtype: str) -> str:
+    return f"download/{dtype}"
+
+
+@dataclass(frozen=True)
+class WorkerTransfer:
+    """One worker's side of a round: its plan, what it is sent and what it must send back."""
+
+    plan: TrainingPlan
+    download: DownloadDtype
+    update_header: StateHeader  # the dense update, as the strategy folds it
+    wire_header: StateHeader  # what the worker sends: ``update_header`` under ``compression``
+    compression: CompressionSpec
+
+    def decode(self, wire: State) -> State:
+        """The dense update from what arrived (already checked against ``wire_header``); a bad encoding is the
+        worker's fault and drops it from the round like any other invalid update."""
+        try:
+            return decompress(wire, self.update_header, self.compression)
+        except CompressionError as exc:
+            raise InvalidUpdate(f"undecodable {self.compression.name} update: {exc}") from None
+
+
+@dataclass
+class TransferFormat:
+    """The run's wish; :meth:`negotiate` turns it into each worker's :class:`WorkerTransfer`."""
+
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
+    download: DownloadDtype = "float32"
+    _told: set[tuple[str, str]] = field(default_factory=set)  # (worker, capability) already warned about
+
+    def negotiate(self, worker: RemoteWorker, plan: TrainingPlan, update_header: StateHeader) -> WorkerTransfer:
+        offered = set(worker.hello.capabilities) if worker.hello is not None else set()
+        compression = CompressionSpec()
+        if self.compression.name != "none" and self._offers(worker, offered, capability(self.compression.name)):
+            compression = self.compression
+            plan = plan.with_hook(
+                HookSpec(name="compress", params={"scheme": compression.name, "ratio": compression.ratio})
+            )
+        download: DownloadDtype = "float32"
+        if self.download != "float32" and self._offers(worker, offered, download_capability(self.download)):
+            download = self.download
+            plan = plan.model_copy(update={"download": download})
+        return WorkerTransfer(
+            plan=plan,
+            download=download,
+            update_header=update_header,
+            wire_header=wire_header(update_header, compression),
+            compression=compression,
+        )
+
+    def _offers(self, worker: RemoteWorker, offered: set[str], wanted: str) -> bool:
+        if wanted in offered:
+            return True
+        if (worker.name, wanted) not in self._told:
+            self._told.add((worker.name, wanted))
+            log.warning(
+                "worker %r does not offer %s (an older fedlink?): it trains and uploads without it", worker.name, wanted
+            )
+        return False
+
+
+class DownloadCache:
+    """The global state cast for the download, made once per round and only if some worker takes it."""
+
+    def __init__(self, state: State, header: StateHeader) -> None:
+        self.state, self.header = state, header
+        self._cast: dict[str, tuple[State, StateHeader]] = {}
+
+    def get(self, dtype: DownloadDtype) -> tuple[State, StateHeader]:
+        if dtype == "float32":
+            return self.state, self.header
+        if dtype not in self._cast:
+            self._cast[dtype] = cast_download(self.state, dtype), download_header(self.header, dtype)
+        return self._cast[dtype]

@@ -1,0 +1,83 @@
+"""Compressed updates between real processes: ``fl-worker`` daemons started through the CLI, on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedlink.compression import CompressionSpec, wire_header
+from fedlink.models import mlp
+from fedlink.protocol.tensors import header_of
+from fedlink.server.config import parse_config
+from fedlink.server.coordinator import Coordinator
+from fedlink.server.localworkers import start_worker, start_workers, stop_workers
+from fedlink.server.progress import Progress
+
+HERE = Path(__file__).resolve().parent
+FAULTY = [sys.executable, str(HERE / "faulty_worker.py")]
+KWARGS = {"in_features": 64, "hidden": 64, "num_classes": 10}
+DENSE = header_of(mlp(**KWARGS).state_dict())  # type: ignore[arg-type]
+
+
+def _config(urls: list[str], out: Path, test: Path, compression: dict[str, Any], **training: Any) -> dict[str, Any]:
+    return {
+        "name": "compression-e2e",
+        "seed": 2,
+        "model": {"factory": "fedlink.models:mlp", "kwargs": KWARGS},
+        "workers": urls,
+        "rounds": 4,
+        "sampling": {"min_workers": 2},
+        "training": {"update": "delta", "epochs": 5, "optimizer": {"lr": 0.05, "momentum": 0.9},
+                     "compression": compression, **training},
+        "evaluation": {"data": str(test)},
+        "timeouts": {"round": 60, "heartbeat": 1.0, "reconnect_max": 0.5, "wait_for_workers": 30, "connect": 5},
+        "output": str(out),
+    }
+
+
+async def test_topk_uploads_and_a_float16_download_between_real_workers(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path
+) -> None:
+    """Top-k 1% with error feedback: each worker uploads 2% of the dense bytes, and the model still learns."""
+    shards, test = digit_shards
+    workers = start_workers(shards, extra_args=["--threads", "1"])
+    try:
+        config = parse_config(_config([w.url for w in workers], tmp_path / "run", test,
+                                      {"name": "topk", "ratio": 0.01}, download="float16"))
+        history = await asyncio.wait_for(Coordinator(config, progress=Progress()).run(), 240)
+    finally:
+        stop_workers(workers)
+    topk = wire_header(DENSE, CompressionSpec(name="topk", ratio=0.01)).nbytes
+    assert topk / DENSE.nbytes < 0.03
+    for record in history:
+        assert record["workers"] == 3, record["dropped"]
+        assert record["upload_bytes"] == 3 * topk and record["download_bytes"] == 3 * DENSE.nbytes // 2
+    assert history[-1]["accuracy"] > 0.5, [r["accuracy"] for r in history]
+    assert history[-1]["accuracy"] > history[0]["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "compression"),
+    [("topk-index", {"name": "topk", "ratio": 0.05}), ("int8-scale", {"name": "int8"})],
+)
+async def test_a_worker_sending_an_undecodable_update_is_dropped_by_name(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path, mode: str, compression: dict[str, Any]
+) -> None:
+    """An index past the tensor or an infinite scale could write out of bounds or poison the sum: the coordinator
+    refuses the update, names the worker and the tensor, and the round goes on with the honest two."""
+    shards, test = digit_shards
+    workers = start_workers(shards[:2], extra_args=["--threads", "1"])
+    workers.append(start_worker(shards[2], worker_id="bad", command=[*FAULTY, mode], extra_args=["--threads", "1"]))
+    try:
+        config = parse_config({**_config([w.url for w in workers], tmp_path / "run", test, compression), "rounds": 2})
+        history = await asyncio.wait_for(Coordinator(config, progress=Progress()).run(), 240)
+    finally:
+        stop_workers(workers)
+    for record in history:
+        assert record["workers"] == 2
+        assert f"undecodable {compression['name']} update: tensor '" in record["dropped"]["bad"]
+    assert history[-1]["accuracy"] > 0.8

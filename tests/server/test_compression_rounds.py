@@ -1,0 +1,139 @@
+"""Compressed uploads and a cast-down download through the coordinator's real round path, over in-memory workers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedlink.compression import CAPABILITIES, CompressionSpec, wire_header
+from fedlink.protocol.messages import Hello
+from fedlink.protocol.tensors import header_of
+from fedlink.server.config import parse_config
+from fedlink.server.errors import ConfigError
+from fedlink.server.inmemory import connect_in_memory
+from fedlink.factory import ModelAllowList
+from fedlink.models import mlp
+from fedlink.shards import load_shard
+from fedlink.worker.daemon import WorkerDaemon
+from fedlink.worker.service import WorkerService
+
+from .inmemory_jobs import HELLO, coordinator_for, in_memory_workers
+
+MLP = {"factory": "fedlink.models:mlp", "kwargs": {"in_features": 64, "hidden": 64, "num_classes": 10}}
+DENSE = header_of(mlp(**MLP["kwargs"]).state_dict())  # type: ignore[arg-type]
+
+
+def _config(out: Path, training: dict[str, Any], test: Path, rounds: int = 4) -> dict[str, Any]:
+    return {
+        "name": "compression", "seed": 3, "model": MLP, "rounds": rounds, "output": str(out),
+        "training": {"update": "delta", "epochs": 5, "optimizer": {"lr": 0.05, "momentum": 0.9}, **training},
+        "evaluation": {"data": str(test)},
+    }
+
+
+def _records(out: Path, name: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+
+async def _job(shards: list[Path], config: dict[str, Any]) -> list[dict[str, Any]]:
+    async with in_memory_workers(shards) as remotes:
+        return await coordinator_for(remotes, config).run()
+
+
+@pytest.mark.parametrize(
+    ("compression", "accuracy"),
+    [({"name": "none"}, 0.9), ({"name": "float16"}, 0.9), ({"name": "bfloat16"}, 0.9), ({"name": "int8"}, 0.9),
+     ({"name": "topk", "ratio": 0.05}, 0.6)],
+)
+async def test_each_scheme_learns_and_uploads_exactly_its_wire_size(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path, compression: dict[str, Any], accuracy: float
+) -> None:
+    shards, test = digit_shards
+    config = _config(tmp_path / "run", {"compression": compression}, test)
+    history = await _job(shards, config)
+    dense = DENSE
+    per_worker = wire_header(dense, CompressionSpec(**compression)).nbytes
+    for record in history:
+        assert record["workers"] == 3 and record["upload_bytes"] == 3 * per_worker
+        assert record["download_bytes"] == 3 * dense.nbytes
+    assert history[-1]["accuracy"] >= accuracy, history[-1]
+    workers = _records(tmp_path / "run", "workers.jsonl")
+    assert {w["upload_bytes"] for w in workers} == {per_worker}
+
+
+async def test_float16_download_halves_what_is_sent_and_still_learns(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path
+) -> None:
+    shards, test = digit_shards
+    history = await _job(shards, _config(tmp_path / "run", {"download": "float16", "compression": {"name": "int8"}}, test))
+    full = await _job(shards, _config(tmp_path / "plain", {}, test))
+    assert history[0]["download_bytes"] * 2 == full[0]["download_bytes"]
+    assert history[-1]["accuracy"] >= full[-1]["accuracy"] - 0.05, (history[-1], full[-1])
+
+
+class OlderDaemon(WorkerDaemon):
+    """A worker of an earlier fedlink: its hello offers neither compression nor a cast-down download."""
+
+    def hello(self) -> Hello:
+        hello = super().hello()
+        return hello.model_copy(update={"capabilities": tuple(c for c in hello.capabilities if c not in CAPABILITIES)})
+
+
+async def test_a_worker_without_the_capability_trains_uncompressed_and_is_named_once(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shards, test = digit_shards
+    new = WorkerDaemon(WorkerService(load_shard(shards[0]), allow=ModelAllowList(), worker_id="new"))
+    old = OlderDaemon(WorkerService(load_shard(shards[1]), allow=ModelAllowList(), worker_id="old"))
+    remotes = [(await connect_in_memory(d, hello=HELLO))[0] for d in (new, old)]
+    config = _config(tmp_path / "run", {"compression": {"name": "topk", "ratio": 0.01}, "download": "float16"}, test, 3)
+    config["sampling"] = {"min_workers": 2}
+    try:
+        with caplog.at_level(logging.WARNING, logger="fedlink.server"):
+            await coordinator_for(remotes, config).run()
+    finally:
+        for daemon in (new, old):
+            await daemon.stop()
+        for remote in remotes:
+            await remote.close("done")
+    dense = DENSE
+    sent = {(w["worker"], w["upload_bytes"], w["download_bytes"]) for w in _records(tmp_path / "run", "workers.jsonl")}
+    topk = wire_header(dense, CompressionSpec(name="topk", ratio=0.01)).nbytes
+    assert sent == {("new", topk, dense.nbytes // 2), ("old", dense.nbytes, dense.nbytes)}
+    warnings = [r.getMessage() for r in caplog.records if "does not offer" in r.getMessage()]
+    assert warnings == [
+        "worker 'old' does not offer compress/topk (an older fedlink?): it trains and uploads without it",
+        "worker 'old' does not offer download/float16 (an older fedlink?): it trains and uploads without it",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("training", "extra", "problem"),
+    [
+        ({"update": "weights", "compression": {"name": "int8"}}, {}, "int8 quantises or drops values.*training.update delta"),
+        ({"update": "weights", "compression": {"name": "topk"}}, {}, "topk quantises"),
+        ({"update": "delta", "compression": {"name": "zip"}}, {}, "compression.name"),
+        ({"update": "delta", "compression": {"name": "topk", "ratio": 0}}, {}, "ratio"),
+        ({"update": "delta", "compression": {"name": "int8"}}, {"secure_aggregation": {"clip_norm": 1.0}},
+         "training.compression does not apply under secure_aggregation"),
+        ({"update": "delta", "download": "float16"}, {"secure_aggregation": {"clip_norm": 1.0}}, "training.download"),
+    ],
+)
+def test_compression_settings_that_cannot_work_are_refused_by_key(
+    training: dict[str, Any], extra: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        parse_config({"name": "x", "rounds": 1, "model": MLP, "workers": ["ws://x:1"], "training": training, **extra})
+
+
+def test_defaults_keep_the_fingerprint_of_runs_from_before_compression_existed() -> None:
+    base = {"name": "x", "rounds": 1, "model": MLP, "workers": ["ws://x:1"]}
+    plain = parse_config(base).fingerprint()
+    assert parse_config({**base, "training": {"compression": {"name": "none"}, "download": "float32"}}).fingerprint() == plain
+    assert parse_config({**base, "training": {"update": "delta", "compression": {"name": "int8"}}}).fingerprint() != (
+        parse_config({**base, "training": {"update": "delta"}}).fingerprint()
+    )
