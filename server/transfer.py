@@ -64,7 +64,10 @@ class TransferFormat:
     _told: set[tuple[str, str]] = field(default_factory=set)  # (worker, capability) already warned about
 
     def negotiate(self, worker: RemoteWorker, plan: TrainingPlan, update_header: StateHeader) -> WorkerTransfer:
-        offered = set(worker.hello.capabilities) if worker.hello is not None else set()
+        # What the live session's peer said: a worker's own hello, or for a simulation's virtual worker its host's.
+        session = worker.session
+        hello = session.peer_hello if session is not None else worker.hello
+        offered = set(hello.capabilities) if hello is not None else set()
         compression = CompressionSpec()
         if self.compression.name != "none" and self._offers(worker, offered, capability(self.compression.name)):
             compression = self.compression

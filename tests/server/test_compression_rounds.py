@@ -137,3 +137,17 @@ def test_defaults_keep_the_fingerprint_of_runs_from_before_compression_existed()
     assert parse_config({**base, "training": {"update": "delta", "compression": {"name": "int8"}}}).fingerprint() != (
         parse_config({**base, "training": {"update": "delta"}}).fingerprint()
     )
+
+
+async def test_fedbuff_takes_compressed_updates_too(digit_shards: tuple[list[Path], Path], tmp_path: Path) -> None:
+    shards, test = digit_shards
+    config = _config(tmp_path / "run", {"compression": {"name": "int8"}, "download": "bfloat16"}, test, rounds=3)
+    config["strategy"] = {"name": "fedbuff", "buffer_size": 2}
+    history = await _job(shards, config)
+    int8 = wire_header(DENSE, CompressionSpec(name="int8")).nbytes
+    assert len(history) == 3
+    workers = _records(tmp_path / "run", "workers.jsonl")
+    taken = [w for w in workers if w["status"] == "ok"]
+    assert taken and {w["upload_bytes"] for w in taken} == {int8}
+    assert {w["download_bytes"] for w in taken} == {DENSE.nbytes // 2}
+    assert history[-1]["accuracy"] > 0.5

@@ -134,3 +134,17 @@ def test_mnist_100_virtual_workers_30_rounds_same_model_any_way_it_runs(
     assert models[0] == models[1]
     final = histories[0][-1].accuracy
     assert final is not None and final > 0.65, f"final accuracy {final}"  # measured: 0.7015
+
+
+async def test_virtual_workers_compress_as_their_host_offers(digits: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Virtual workers have no hello of their own: the scheme is granted by what their host process offered."""
+    job = digits_job(digits, "int8", processes=1)
+    job["training"] = {**job["training"], "update": "delta", "compression": {"name": "int8"}, "download": "float16"}
+    with caplog.at_level(logging.WARNING, logger="fedlink.server"):
+        history = await simulate_async(parse_config(job), progress=Progress())
+    assert not [r for r in caplog.records if "does not offer" in r.getMessage()]
+    workers = [json.loads(line) for line in (digits / "int8" / "workers.jsonl").read_text().splitlines()]
+    dense = 64 * 32 + 32 + 32 * 10 + 10  # float32 values of the MLP
+    assert {w["upload_bytes"] for w in workers} == {dense + 4 * 4}  # int8 values, one float32 scale per tensor
+    assert {w["download_bytes"] for w in workers} == {dense * 2}
+    assert len(history) == 3 and all(r["workers"] == 5 for r in history)
