@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import resource
@@ -116,6 +117,16 @@ class _Watch(Progress):
         self.rss_connected = float("nan")
         self.cpu_mark = time.process_time()
         self.round_cpu: dict[int, float] = {}
+        self.gc_seconds = 0.0  # in the coordinator's garbage collections, since the last mark
+        self.round_gc: dict[int, float] = {}
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_seconds += time.perf_counter() - self._gc_started
 
     def worker_connected(self, worker: str) -> None:
         self.connected.add(worker)
@@ -125,11 +136,13 @@ class _Watch(Progress):
             self.all_connected = time.perf_counter()
             self.rss_connected = _rss_mib()
             self.cpu_mark = time.process_time()
+            self.gc_seconds = 0.0
 
     def round_finished(self, record: dict[str, Any]) -> None:
         now = time.process_time()
         self.round_cpu[record["round"]] = now - self.cpu_mark
         self.cpu_mark = now
+        self.round_gc[record["round"]], self.gc_seconds = self.gc_seconds, 0.0
 
 
 def _free_port() -> int:
@@ -229,13 +242,14 @@ def main() -> int:
         per_worker = (watch.rss_connected - rss_before) * 1024 / args.workers
         print(f"  coordinator RSS {rss_before:.0f} MiB before, {watch.rss_connected:.0f} MiB with all connected: "
               f"{per_worker:.1f} KiB per connected worker")
-    print(f"  {'round':>5} {'workers':>8} {'wall s':>8} {'coordinator cpu s':>18}")
+    print(f"  {'round':>5} {'workers':>8} {'wall s':>8} {'coordinator cpu s':>18} {'of which gc s':>14}")
     overheads = []
     for record in history:
         cpu = watch.round_cpu.get(record["round"], float("nan"))
         if record["round"] > 1:
             overheads.append(cpu)
-        print(f"  {record['round']:>5} {record['workers']:>8} {record['seconds']:>8.2f} {cpu:>18.2f}")
+        collected = watch.round_gc.get(record["round"], float("nan"))
+        print(f"  {record['round']:>5} {record['workers']:>8} {record['seconds']:>8.2f} {cpu:>18.2f} {collected:>14.2f}")
     if overheads:
         median = statistics.median(overheads)
         verdict = "PASS" if median < GOAL_SECONDS else "FAIL"

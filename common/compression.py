@@ -88,11 +88,13 @@ def capability(name: str) -> str:
     return f"compress/{name}"
 
 
-#: What a worker of this version offers in its hello: every scheme, and a float16/bfloat16 download.
+#: What a worker of this version offers in its hello: every scheme, a float16/bfloat16 download, and updates that
+#: leave out frozen parameters.
 CAPABILITIES: tuple[str, ...] = (
     *(capability(n) for n in ("float16", "bfloat16", "int8", "topk")),
     "download/float16",
     "download/bfloat16",
+    "upload/trainable",
 )
 
 

@@ -132,18 +132,21 @@ def gru_classifier(
     return GRUClassifier(vocab_size, embedding_dim, hidden_size, num_classes, dropout, padding_idx)
 
 
-def sized_mlp(megabytes: float = 50.0, in_features: int = 64, num_classes: int = 10) -> nn.Module:
+def sized_mlp(
+    megabytes: float = 50.0, in_features: int = 64, num_classes: int = 10, frozen_backbone: bool = False
+) -> nn.Module:
     """An MLP whose float32 parameters take about ``megabytes`` MB (2**20 bytes), for transfer benchmarks.
 
     Three hidden layers of one width ``h`` are solved for from the size, so the weight lies in a few large
     matrices, as in real models, rather than in many small tensors whose per-tensor overhead would dominate.
+    ``frozen_backbone`` freezes all but the output layer (``requires_grad=False``): fine-tuning a head.
     """
     _require_positive(megabytes=megabytes, in_features=in_features, num_classes=num_classes)
     target = megabytes * _MEGABYTE / _FLOAT32_BYTES
     # Parameters: in*h + h  +  2*(h*h + h)  +  h*c + c  =  2h^2 + (in + c + 3)h + c.
     a, b, c = 2.0, float(in_features + num_classes + 3), float(num_classes) - target
     hidden = max(1, round((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)))
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Flatten(),
         nn.Linear(in_features, hidden),
         nn.ReLU(),
@@ -153,3 +156,7 @@ def sized_mlp(megabytes: float = 50.0, in_features: int = 64, num_classes: int =
         nn.ReLU(),
         nn.Linear(hidden, num_classes),
     )
+    if frozen_backbone:
+        for layer in list(model)[:-1]:
+            layer.requires_grad_(False)
+    return model

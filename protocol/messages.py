@@ -179,6 +179,8 @@ class TrainingPlan(_Strict):
     privacy: PrivacyPlan | None = None
     # The global state's floating-point tensors travel in this dtype (training.download); None: as they are.
     download: Literal["float16", "bfloat16"] | None = None
+    # "trainable": leave out of the update the parameters the model freezes (requires_grad False); None: all.
+    upload: Literal["trainable"] | None = None
 
     def with_hook(self, hook: HookSpec) -> "TrainingPlan":
         """A copy with ``hook`` added (or replacing the hook of the same name, keeping its place)."""

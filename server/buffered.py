@@ -109,7 +109,8 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
             run=coordinator.run_id,
             worker=worker.route,
         )
-        sent, sent_header = DownloadCache(coordinator.state, header).get(transfer.download)
+        base_state = coordinator.state  # what this worker trains from, whatever the buffer does meanwhile
+        sent, sent_header = DownloadCache(base_state, header).get(transfer.download)
         outcome = WorkerOutcome(worker=worker.name)
         started = time.perf_counter()
         coordinator.progress.worker_status(base + 1, worker.name, "training")
@@ -126,6 +127,7 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
                 outcome.download_bytes, outcome.upload_bytes = sent_header.nbytes, transfer.wire_header.nbytes
             if transfer.compression.name != "none":
                 state = await asyncio.to_thread(transfer.decode, state)
+            state = transfer.complete(state, base_state, result.update)
             bad = non_finite(state)
             if bad:
                 raise InvalidUpdate(f"NaN or infinite values in {', '.join(bad[:5])}")

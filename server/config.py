@@ -113,6 +113,9 @@ class TrainingConfig(_Section):
         CompressionSpec(), description="how updates travel: none, float16, bfloat16, int8 or topk (with ratio)"
     )
     download: DownloadDtype = Field("float32", description="dtype of the global state's floating-point tensors on the wire")
+    upload: Literal["trainable", "all"] = Field(
+        "trainable", description="trainable: frozen parameters (requires_grad False) are left out of updates"
+    )
 
     @model_validator(mode="after")
     def _compression_fits_update(self) -> "TrainingConfig":
@@ -364,6 +367,7 @@ class JobConfig(_Section):
             shaped["training"].pop("compression")
         if self.training.download == "float32":
             shaped["training"].pop("download")
+        shaped["training"].pop("upload")  # what travels, not what is computed: the model's bytes are the same
         if self.privacy is not None:  # a stopping rule, not the trajectory: a run may resume with a larger budget
             shaped["privacy"].pop("max_epsilon")
         if self.simulation is not None:  # the virtual workers' data, not how many processes run them

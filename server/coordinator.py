@@ -69,6 +69,16 @@ def initial_state(config: JobConfig) -> tuple[State, StateHeader]:
     return {k: v.detach() for k, v in model.state_dict().items()}, header_of(dict(model.named_parameters()))
 
 
+def frozen_parameters(config: JobConfig) -> frozenset[str]:
+    """The model's parameters that training leaves alone (``requires_grad=False``), found on the meta device."""
+    try:
+        with torch.device("meta"):
+            model = build_model(config.model.factory, config.model.kwargs, _TRUST_CONFIG)
+    except Exception:  # noqa: BLE001 - some factories cannot build on the meta device; build for real then
+        model = build_model(config.model.factory, config.model.kwargs, _TRUST_CONFIG)
+    return frozenset(name for name, p in model.named_parameters() if not p.requires_grad)
+
+
 class Coordinator:
     def __init__(
         self,
@@ -123,7 +133,10 @@ class Coordinator:
             self.secure.privacy = self.privacy  # distributed DP: levels with room for the noise, ledger, denominator
             self.secure.check(self.state)
         # training.compression and training.download, granted per worker by what its hello offers (.transfer).
-        self.transfer = TransferFormat(compression=config.training.compression, download=config.training.download)
+        self.transfer = TransferFormat(
+            compression=config.training.compression, download=config.training.download,
+            upload=config.training.upload, frozen=frozen_parameters(config),
+        )
         # Keys the workers' per-run stores; stable across --resume, different for another job or seed.
         self.run_id = hashlib.sha256(f"{config.name}\0{config.fingerprint()}".encode()).hexdigest()[:16]
         self.history: list[dict[str, Any]] = []

@@ -186,6 +186,7 @@ class TrainStage(Stage[None]):
         outcome.upload_bytes = transfer.wire_header.nbytes
         if transfer.compression.name != "none":
             state = await asyncio.to_thread(transfer.decode, state)
+        state = transfer.complete(state, self.global_state, result.update)
         # One float64 pass: a finite norm means finite values; only a bad update pays for naming its tensors.
         norm = await asyncio.to_thread(update_norm, state)
         if not math.isfinite(norm):

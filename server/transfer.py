@@ -1,15 +1,23 @@
-"""How the global state and each update travel to and from one worker: the run's compression and download dtype,
-negotiated against what the worker's hello offers.
+"""How the global state and each update travel to and from one worker: the run's compression, download dtype and
+trainable-only uploads, negotiated against what the worker's hello offers.
 
-``training.compression`` and ``training.download`` are what the operator wants; a worker gets them only if its
-hello lists the capability (:data:`fedlink.compression.CAPABILITIES`). One that does not (an older fedlink) trains
-and uploads as before, and the coordinator says so once per worker, not once per round.
+``training.compression``, ``training.download`` and ``training.upload`` are what the operator wants; a worker gets
+them only if its hello lists the capability (:data:`fedlink.compression.CAPABILITIES`). One that does not (an older
+fedlink) trains and uploads as before, and the coordinator says so once per worker, not once per round.
+
+With ``training.upload: trainable`` (the default) a model's frozen parameters (``requires_grad=False``, a frozen
+backbone) never travel back: their update is known without asking. The coordinator puts it back before the fold
+(:meth:`WorkerTransfer.complete`): the global tensor itself for ``weights``, zeros for ``delta`` and ``gradients``
+(stride-0 views: no memory). Both are exactly what the worker would have sent, so the model's bytes do not change.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
 
 from fedlink.compression import (
     CompressionError,
@@ -21,8 +29,8 @@ from fedlink.compression import (
     download_header,
     wire_header,
 )
-from fedlink.protocol.messages import HookSpec, TrainingPlan
-from fedlink.protocol.tensors import State, StateHeader
+from fedlink.protocol.messages import HookSpec, TrainingPlan, UpdateKind
+from fedlink.protocol.tensors import DTYPES, State, StateHeader
 
 from .errors import InvalidUpdate
 from .remote import RemoteWorker
@@ -43,16 +51,32 @@ class WorkerTransfer:
     plan: TrainingPlan
     download: DownloadDtype
     update_header: StateHeader  # the dense update, as the strategy folds it
-    wire_header: StateHeader  # what the worker sends: ``update_header`` under ``compression``
+    sent_header: StateHeader  # the part of it the worker sends: without frozen parameters under upload trainable
+    wire_header: StateHeader  # what the worker sends: ``sent_header`` under ``compression``
     compression: CompressionSpec
 
     def decode(self, wire: State) -> State:
         """The dense update from what arrived (already checked against ``wire_header``); a bad encoding is the
         worker's fault and drops it from the round like any other invalid update."""
         try:
-            return decompress(wire, self.update_header, self.compression)
+            return decompress(wire, self.sent_header, self.compression)
         except CompressionError as exc:
             raise InvalidUpdate(f"undecodable {self.compression.name} update: {exc}") from None
+
+    def complete(self, sent: State, global_state: State, kind: UpdateKind) -> State:
+        """The whole update, in ``update_header`` order: what was sent, and for each frozen parameter left out the
+        value it is known to have (see the module's docstring)."""
+        if len(self.sent_header.tensors) == len(self.update_header.tensors):
+            return sent
+        whole: State = {}
+        for spec in self.update_header.tensors:
+            if spec.name in sent:
+                whole[spec.name] = sent[spec.name]
+            elif kind == "weights":
+                whole[spec.name] = global_state[spec.name]
+            else:
+                whole[spec.name] = torch.zeros((), dtype=DTYPES[spec.dtype]).expand(spec.shape)
+        return whole
 
 
 @dataclass
@@ -61,6 +85,8 @@ class TransferFormat:
 
     compression: CompressionSpec = field(default_factory=CompressionSpec)
     download: DownloadDtype = "float32"
+    upload: Literal["trainable", "all"] = "trainable"
+    frozen: frozenset[str] = frozenset()  # the model's parameters with requires_grad False
     _told: set[tuple[str, str]] = field(default_factory=set)  # (worker, capability) already warned about
 
     def negotiate(self, worker: RemoteWorker, plan: TrainingPlan, update_header: StateHeader) -> WorkerTransfer:
@@ -78,11 +104,16 @@ class TransferFormat:
         if self.download != "float32" and self._offers(worker, offered, download_capability(self.download)):
             download = self.download
             plan = plan.model_copy(update={"download": download})
+        sent_header = update_header
+        if self.frozen and self.upload == "trainable" and self._offers(worker, offered, "upload/trainable"):
+            plan = plan.model_copy(update={"upload": "trainable"})
+            sent_header = StateHeader(tensors=tuple(t for t in update_header.tensors if t.name not in self.frozen))
         return WorkerTransfer(
             plan=plan,
             download=download,
             update_header=update_header,
-            wire_header=wire_header(update_header, compression),
+            sent_header=sent_header,
+            wire_header=wire_header(sent_header, compression),
             compression=compression,
         )
 

@@ -237,6 +237,9 @@ class WorkerService:
             )
             trained = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
             update = make_update(plan.update, state, trained)
+        if plan.upload == "trainable":  # the coordinator fills the frozen ones in: unchanged weights, zero deltas
+            frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+            update = {name: value for name, value in update.items() if name not in frozen}
         for hook in hooks:
             update = hook.transform_update(update)
         store.fresh = False

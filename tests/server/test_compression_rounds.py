@@ -8,15 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from fedlink.compression import CAPABILITIES, CompressionSpec, wire_header
 from fedlink.protocol.messages import Hello
 from fedlink.protocol.tensors import header_of
 from fedlink.server.config import parse_config
+from fedlink.server.coordinator import initial_state
 from fedlink.server.errors import ConfigError
 from fedlink.server.inmemory import connect_in_memory
 from fedlink.factory import ModelAllowList
-from fedlink.models import mlp
+from fedlink.models import mlp, sized_mlp
 from fedlink.shards import load_shard
 from fedlink.worker.daemon import WorkerDaemon
 from fedlink.worker.service import WorkerService
@@ -151,3 +153,33 @@ async def test_fedbuff_takes_compressed_updates_too(digit_shards: tuple[list[Pat
     assert taken and {w["upload_bytes"] for w in taken} == {int8}
     assert {w["download_bytes"] for w in taken} == {DENSE.nbytes // 2}
     assert history[-1]["accuracy"] > 0.5
+
+
+FROZEN = {"factory": "fedlink.models:sized_mlp",
+          "kwargs": {"megabytes": 0.25, "in_features": 64, "num_classes": 10, "frozen_backbone": True}}
+
+
+@pytest.mark.parametrize("update", ["weights", "delta"])
+async def test_frozen_parameters_never_travel_back_and_the_model_is_the_same_to_the_bit(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path, update: str
+) -> None:
+    """A frozen backbone's update is known without asking (unchanged weights, zero deltas): the head alone travels,
+    and the run ends with the very bytes of one where every tensor travelled."""
+    shards, test = digit_shards
+    results = {}
+    for upload in ("trainable", "all"):
+        config = {**_config(tmp_path / upload, {"update": update, "upload": upload}, test, rounds=2), "model": FROZEN}
+        async with in_memory_workers(shards) as remotes:
+            coordinator = coordinator_for(remotes, config)
+            history = await coordinator.run()
+        results[upload] = (coordinator.state, history)
+    trimmed, full = results["trainable"], results["all"]
+    assert all(torch.equal(trimmed[0][k], full[0][k]) for k in full[0])
+    model = sized_mlp(**FROZEN["kwargs"])  # type: ignore[arg-type]
+    head = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert all(r["upload_bytes"] == 3 * head for r in trimmed[1])
+    assert all(r["upload_bytes"] == 3 * header_of(model.state_dict()).nbytes for r in full[1])
+    initial, _ = initial_state(parse_config({**config, "workers": ["ws://x:1"], "sampling": {"min_workers": 1}}))
+    if update == "delta":  # zero deltas leave it to the bit (a float32 mean of equal weights may round)
+        assert torch.equal(trimmed[0]["1.weight"], initial["1.weight"])  # the backbone stayed as it was
+    assert not torch.equal(trimmed[0]["7.weight"], initial["7.weight"])  # the head trained
