@@ -88,13 +88,14 @@ def capability(name: str) -> str:
     return f"compress/{name}"
 
 
-#: What a worker of this version offers in its hello: every scheme, a float16/bfloat16 download, and updates that
-#: leave out frozen parameters.
+#: What a worker of this version offers in its hello: every scheme, a float16/bfloat16 download, updates that leave
+#: out frozen parameters, and downloads of only what changed since the last global state it kept.
 CAPABILITIES: tuple[str, ...] = (
     *(capability(n) for n in ("float16", "bfloat16", "int8", "topk")),
     "download/float16",
     "download/bfloat16",
     "upload/trainable",
+    "download/cached",
 )
 
 

@@ -20,6 +20,7 @@ from .tensors import StateHeader
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "StateCache",
     "MIN_HEARTBEAT",
     "MAX_HEARTBEAT",
     "Message",
@@ -60,6 +61,7 @@ UpdateKind = Literal["weights", "delta", "gradients"]
 #: The one authentication scheme of protocol version 1 (see :mod:`.auth`).
 AUTH_SCHEME = "hmac-sha256"
 _HEX32 = r"^[0-9a-f]{64}$"  # 32 bytes as lowercase hex: msgpack ``bin`` is refused in control frames
+_CACHE_KEY = r"^[0-9a-z:.-]{1,96}$"
 
 
 class _Strict(BaseModel):
@@ -197,6 +199,18 @@ class TrainingPlan(_Strict):
         return next((h for h in self.hooks if h.name == name), None)
 
 
+class StateCache(_Strict):
+    """The global state travels only in part: the worker keeps the last one it was sent (one, for one run).
+
+    ``base`` names the state the coordinator believes the worker keeps (None: everything is sent); the tensors the
+    request does not announce are taken from it. ``key`` names the whole state once put together, which the worker
+    keeps in its place. Keys are the coordinator's, opaque to the worker.
+    """
+
+    base: str | None = Field(None, pattern=_CACHE_KEY)
+    key: str = Field(pattern=_CACHE_KEY)
+
+
 class TrainRequest(Message):
     """Train on the announced global state. ``run`` keys the worker's per-run store (error feedback, control
     variates, privacy accountants) and its per-round context."""
@@ -209,6 +223,8 @@ class TrainRequest(Message):
     run: str = Field("", max_length=128)
     # Which virtual worker of a simulation host serves this request; absent (and off the wire) for a real worker.
     worker: str | None = Field(None, max_length=128, pattern=PEER_ID_PATTERN)
+    # Only the tensors that changed travel (see StateCache); absent: the whole state does.
+    cache: StateCache | None = None
 
 
 class TrainResult(Message):

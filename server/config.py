@@ -116,6 +116,9 @@ class TrainingConfig(_Section):
     upload: Literal["trainable", "all"] = Field(
         "trainable", description="trainable: frozen parameters (requires_grad False) are left out of updates"
     )
+    send_only_changed: bool = Field(
+        True, description="workers keep the last global state; only the tensors that changed since are sent"
+    )
 
     @model_validator(mode="after")
     def _compression_fits_update(self) -> "TrainingConfig":
@@ -368,6 +371,7 @@ class JobConfig(_Section):
         if self.training.download == "float32":
             shaped["training"].pop("download")
         shaped["training"].pop("upload")  # what travels, not what is computed: the model's bytes are the same
+        shaped["training"].pop("send_only_changed")
         if self.privacy is not None:  # a stopping rule, not the trajectory: a run may resume with a larger budget
             shaped["privacy"].pop("max_epsilon")
         if self.simulation is not None:  # the virtual workers' data, not how many processes run them

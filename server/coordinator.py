@@ -136,7 +136,9 @@ class Coordinator:
         self.transfer = TransferFormat(
             compression=config.training.compression, download=config.training.download,
             upload=config.training.upload, frozen=frozen_parameters(config),
+            send_only_changed=config.training.send_only_changed,
         )
+        self.transfer.versions.start(self.state)
         # Keys the workers' per-run stores; stable across --resume, different for another job or seed.
         self.run_id = hashlib.sha256(f"{config.name}\0{config.fingerprint()}".encode()).hexdigest()[:16]
         self.history: list[dict[str, Any]] = []
@@ -191,6 +193,7 @@ class Coordinator:
                 "training, strategy or sampling; resume with the original config or use a new output folder"
             )
         self.state = {name: checkpoint.state[name] for name in self.state}
+        self.transfer.versions.start(self.state)
         self.strategy.load_state_dict(checkpoint.strategy)
         self.history = checkpoint.history
         self.output.restore(self.history)
@@ -233,7 +236,9 @@ class Coordinator:
                 report.wall_seconds, last = now - last, now
                 if pending is not None:
                     await pending
-                self.state = report.state
+                previous, self.state = self.state, report.state
+                if self.transfer.send_only_changed:  # which tensors the next round must send to workers that kept these
+                    await asyncio.to_thread(self.transfer.versions.advance, previous, self.state)
                 # Round r is evaluated, recorded and checkpointed while round r+1 trains: the held-out evaluation
                 # stays off the federation's critical path. Strategies replace their state tensors rather than
                 # change them, so this snapshot stays round r's.

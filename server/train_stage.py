@@ -141,6 +141,7 @@ class TrainStage(Stage[None]):
         self.transfer = transfer or TransferFormat()
         self._download = DownloadCache(global_state, header)
         self._transfers: dict[str, WorkerTransfer] = {}
+        self._sent_bytes: dict[str, int] = {}
         self._requests: dict[str, TrainRequest] = {}
         self._fold: OrderedFold | None = None
         self._weights: dict[str, int] = {}
@@ -156,6 +157,12 @@ class TrainStage(Stage[None]):
 
     def request(self, server_round: int, worker: RemoteWorker) -> StageCall:
         transfer = self.transfer.negotiate(worker, self.plan, self.update_header)
+        state, header = self._download.get(transfer.download)
+        cache, omitted = self.transfer.cache_for(worker, transfer.download)
+        if omitted:  # unchanged since the state this worker keeps
+            state = {name: value for name, value in state.items() if name not in omitted}
+            header = StateHeader(tensors=tuple(t for t in header.tensors if t.name not in omitted))
+        self._sent_bytes[worker.name] = header.nbytes
         request = TrainRequest(
             round=server_round,
             task_id=f"r{server_round}-{worker.name}",
@@ -163,20 +170,21 @@ class TrainStage(Stage[None]):
             plan=transfer.plan.model_copy(update={"seed": derive_seed(self.seed, server_round, worker.name)}),
             run=self.run_id,
             worker=worker.route,
+            cache=cache,
         )
         self._requests[worker.name] = request
         self._transfers[worker.name] = transfer
-        state, header = self._download.get(transfer.download)
         return StageCall(request, state, header)
 
     async def accept(self, worker: RemoteWorker, inbound: Inbound, outcome: WorkerOutcome, deadline: float) -> None:
         assert self._fold is not None
         result = inbound.message
-        outcome.download_bytes = self._download.get(self._transfers[worker.name].download)[1].nbytes
+        outcome.download_bytes = self._sent_bytes[worker.name]
         if not isinstance(result, TrainResult):
             raise InvalidUpdate(f"answered a train request with {result.type!r}")
         outcome.train_seconds = result.train_seconds
         check_result(result, request=self._requests[worker.name], max_samples=worker.num_samples)
+        self.transfer.confirm(worker.name)  # it trained on what it was sent: it keeps that state now
         waited = await self._fold.admit(worker.name)
         if self.observer is not None:
             self.observer.worker_status(self._requests[worker.name].round, worker.name, "uploading", "")

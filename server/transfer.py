@@ -9,11 +9,18 @@ With ``training.upload: trainable`` (the default) a model's frozen parameters (`
 backbone) never travel back: their update is known without asking. The coordinator puts it back before the fold
 (:meth:`WorkerTransfer.complete`): the global tensor itself for ``weights``, zeros for ``delta`` and ``gradients``
 (stride-0 views: no memory). Both are exactly what the worker would have sent, so the model's bytes do not change.
+
+With ``training.send_only_changed`` (the default) a worker keeps the last global state it was sent, and the next
+request sends only the tensors that changed since (:class:`StateVersions`): a frozen backbone travels once per
+worker, not every round. The coordinator counts a tensor as changed when its values differ (``torch.equal``)
+from the round before, and believes a worker keeps a state only if the worker trained on it over the session it
+still has: a worker that restarted or reconnected, or failed its last request, is sent everything again.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,7 +36,8 @@ from fedlink.compression import (
     download_header,
     wire_header,
 )
-from fedlink.protocol.messages import HookSpec, TrainingPlan, UpdateKind
+from fedlink.protocol.messages import HookSpec, StateCache, TrainingPlan, UpdateKind
+from fedlink.protocol.session import Session
 from fedlink.protocol.tensors import DTYPES, State, StateHeader
 
 from .errors import InvalidUpdate
@@ -79,6 +87,44 @@ class WorkerTransfer:
         return whole
 
 
+class StateVersions:
+    """A version per tensor of the global state, and keys naming whole states, unique to this coordinator process
+    (a resumed coordinator never names a state a worker kept from before)."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(6)
+        self._round = 0
+        #: Only the model's tensors: anything else sent with it (a strategy's extra inputs) is always sent.
+        self.versions: dict[str, int] = {}
+
+    def start(self, state: State) -> None:
+        """The global state a run starts (or resumes) from: every tensor at version 0 of a new key."""
+        self._round += 1
+        self.versions = {name: 0 for name in state}
+
+    @property
+    def key(self) -> str:
+        return f"{self._prefix}.{self._round}"
+
+    def advance(self, old: State, new: State) -> None:
+        """The global state went from ``old`` to ``new``: bump the version of every tensor whose values changed."""
+        self._round += 1
+        for name, value in new.items():
+            before = old.get(name)
+            if before is None or not (
+                before is value or (before.shape == value.shape and before.dtype == value.dtype and torch.equal(before, value))
+            ):
+                self.versions[name] = self._round
+
+
+@dataclass(frozen=True)
+class _Kept:
+    session: Session | None
+    download: str
+    versions: dict[str, int]
+    key: str
+
+
 @dataclass
 class TransferFormat:
     """The run's wish; :meth:`negotiate` turns it into each worker's :class:`WorkerTransfer`."""
@@ -87,7 +133,34 @@ class TransferFormat:
     download: DownloadDtype = "float32"
     upload: Literal["trainable", "all"] = "trainable"
     frozen: frozenset[str] = frozenset()  # the model's parameters with requires_grad False
+    send_only_changed: bool = True
+    versions: StateVersions = field(default_factory=StateVersions)
     _told: set[tuple[str, str]] = field(default_factory=set)  # (worker, capability) already warned about
+    _kept: dict[str, _Kept] = field(default_factory=dict)  # what each worker keeps, as far as we know
+    _pending: dict[str, _Kept] = field(default_factory=dict)  # sent, not yet trained on
+
+    def cache_for(self, worker: RemoteWorker, download: str) -> tuple[StateCache | None, frozenset[str]]:
+        """Whether ``worker`` is sent only what changed: the request's cache field and the tensors left out.
+
+        What the worker kept is forgotten here and remembered again only by :meth:`confirm`, once it has trained
+        on the new state: a request that fails leaves the coordinator believing nothing, so the next is whole."""
+        kept = self._kept.pop(worker.name, None)
+        session = worker.session
+        if not self.send_only_changed or session is None or "download/cached" not in session.peer_hello.capabilities:
+            return None, frozenset()
+        snapshot = dict(self.versions.versions)
+        key = f"{self.versions.key}.{download}"
+        self._pending[worker.name] = _Kept(session, download, snapshot, key)
+        if kept is None or kept.session is not session or kept.download != download:
+            return StateCache(key=key), frozenset()
+        omitted = frozenset(name for name, version in snapshot.items() if kept.versions.get(name, -1) == version)
+        return StateCache(base=kept.key, key=key), omitted
+
+    def confirm(self, worker: str) -> None:
+        """``worker`` trained on what it was last sent: it keeps that state now."""
+        pending = self._pending.pop(worker, None)
+        if pending is not None:
+            self._kept[worker] = pending
 
     def negotiate(self, worker: RemoteWorker, plan: TrainingPlan, update_header: StateHeader) -> WorkerTransfer:
         # What the live session's peer said: a worker's own hello, or for a simulation's virtual worker its host's.

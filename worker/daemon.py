@@ -29,6 +29,7 @@ from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import EvaluateRequest, Hello, RoundEnd, StageRequest, TrainRequest
 from fedlink.protocol.connect import open_session
 from fedlink.protocol.session import Inbound, Session, SessionOptions
+from fedlink.protocol.tensors import StateHeader
 from fedlink.protocol.transport import Listener, dial, listen
 
 from . import __version__
@@ -156,7 +157,7 @@ class WorkerDaemon:
             await self._stage(session, inbound, request, job)
             return
         # Built on the meta device within --max-state-mb, in a thread: a pending request never holds the loop.
-        expected = await self._in_thread(job, self._header, request, job)
+        expected = await self._in_thread(job, self._header, request, job, inbound.state_header)
         state = await inbound.fetch(expected=expected, timeout=self.transfer_timeout)
         if isinstance(request, TrainRequest):
             result, update = await self._in_thread(job, self.service.train, request, state, job)
@@ -166,10 +167,12 @@ class WorkerDaemon:
             evaluation = await self._in_thread(job, self.service.evaluate, request, state, job)
             await session.reply(inbound, evaluation)
 
-    def _header(self, request: TrainRequest | EvaluateRequest, job: threading.Event) -> Any:
+    def _header(
+        self, request: TrainRequest | EvaluateRequest, job: threading.Event, announced: StateHeader | None
+    ) -> Any:
         with self.service.build_limits(job):
             if isinstance(request, TrainRequest):
-                return self.service.train_header(request)
+                return self.service.train_header(request, announced)
             return self.service.check_model(request.model)
 
     async def _in_thread(self, job: threading.Event, fn: Callable[..., T], *args: Any) -> T:

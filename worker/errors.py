@@ -5,6 +5,7 @@
     WorkerError
     ├── WorkerBusy          another job is running (one job at a time)
     ├── BadRequest          the request cannot be served as asked (wrong state for the model, bad kwargs)
+    │   └── CacheMiss       the request sends part of the global state, and the worker does not keep the rest
     └── PolicyRefused       the worker operator's policy does not allow it (names the rule and its flag)
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from fedlink.errors import FedlinkError
 
-__all__ = ["WorkerError", "WorkerBusy", "BadRequest", "PolicyRefused"]
+__all__ = ["WorkerError", "WorkerBusy", "BadRequest", "CacheMiss", "PolicyRefused"]
 
 
 class WorkerError(FedlinkError):
@@ -25,6 +26,10 @@ class WorkerBusy(WorkerError):
 
 class BadRequest(WorkerError):
     code = "bad_request"
+
+
+class CacheMiss(BadRequest):
+    code = "cache_miss"
 
 
 class PolicyRefused(WorkerError):

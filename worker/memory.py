@@ -44,6 +44,14 @@ class WorkerMemory:
         self.round_ttl = round_ttl
         self._runs: OrderedDict[str, RunStore] = OrderedDict()
         self._rounds: dict[tuple[str, int], _RoundContext] = {}
+        #: The last global state a coordinator sent in full or in part (TrainRequest.cache): (run, key, state). One
+        #: slot, whatever the number of runs, so it costs at most one model's memory.
+        self.global_state: tuple[str, str, dict[str, Any]] | None = None
+
+    def cached_state(self, run_id: str, key: str) -> dict[str, Any] | None:
+        """The kept global state if it is ``key`` of ``run_id``, else None (never kept, replaced, or restarted)."""
+        kept = self.global_state
+        return kept[2] if kept is not None and kept[0] == run_id and kept[1] == key else None
 
     def run(self, run_id: str) -> RunStore:
         store = self._runs.get(run_id)

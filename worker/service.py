@@ -41,7 +41,7 @@ from fedlink.training import average_gradients, evaluate, make_optimizer, train_
 from fedlink.protocol.limits import Limits
 
 from .budget import budget_active, build_budget, check_kwargs
-from .errors import BadRequest
+from .errors import BadRequest, CacheMiss
 from . import secure_stages  # noqa: F401  (registers secure aggregation's built-in stage handlers)
 from .memory import WorkerMemory
 from .policy import PolicyGate, WorkerPolicy
@@ -139,9 +139,32 @@ class WorkerService:
         with self.build_limits():
             return expected_header(spec, self.allow)
 
-    def train_header(self, request: TrainRequest) -> StateHeader:
+    def train_header(self, request: TrainRequest, announced: StateHeader | None = None) -> StateHeader:
         """The state a train request must announce: the model's tensors, plus those its plan's hooks take with it
-        (:meth:`fedlink.hooks.TrainingHook.inputs`). Refuses unknown or disallowed hooks before a byte moves."""
+        (:meth:`fedlink.hooks.TrainingHook.inputs`). Refuses unknown or disallowed hooks before a byte moves.
+
+        Under ``request.cache`` with a base, the announced tensors are a part of that, and the rest must be in the
+        kept state, with the same dtype and shape; a worker that does not keep that state says so (``cache_miss``),
+        and the coordinator sends everything next time."""
+        full = self._train_header(request)
+        if request.cache is None or request.cache.base is None:
+            return full
+        kept = self.memory.cached_state(request.run, request.cache.base)
+        if kept is None:
+            raise CacheMiss(
+                f"worker {self.worker_id!r} does not keep global state {request.cache.base!r} (restarted, or it "
+                "kept another since); the next request must send the whole state"
+            )
+        sent = {t.name for t in announced.tensors} if announced is not None else set()
+        for spec in full.tensors:
+            if spec.name in sent:
+                continue
+            value = kept.get(spec.name)
+            if value is None or tuple(value.shape) != spec.shape or str(value.dtype).removeprefix("torch.") != spec.dtype:
+                raise CacheMiss(f"kept global state has no {spec.describe()}; the next request must send it")
+        return StateHeader(tensors=tuple(t for t in full.tensors if t.name in sent))
+
+    def _train_header(self, request: TrainRequest) -> StateHeader:
         model = download_header(self.check_model(request.model), request.plan.download or "float32")
         if not request.plan.hooks:
             return model
@@ -183,6 +206,8 @@ class WorkerService:
         # Also here, not only at the daemon: stage handlers (secure aggregation) reach training through this method.
         self.gate.check_plan(plan, request_level=False)
         started = time.perf_counter()
+        if request.cache is not None:
+            state = self._with_kept(request, state)
         store = self.memory.run(request.run)
         model_names = {t.name for t in self.check_model(request.model).tensors}
         inputs = {name: value for name, value in state.items() if name not in model_names}
@@ -258,6 +283,21 @@ class WorkerService:
             train_seconds=seconds,
         )
         return result, update
+
+    def _with_kept(self, request: TrainRequest, state: State) -> State:
+        """The whole global state (what was sent, the rest from the kept one), which is then kept in its place."""
+        assert request.cache is not None
+        if request.cache.base is not None:
+            kept = self.memory.cached_state(request.run, request.cache.base)
+            if kept is None:
+                raise CacheMiss(
+                    f"worker {self.worker_id!r} no longer keeps global state {request.cache.base!r}; "
+                    "the next request must send the whole state"
+                )
+            order = self._train_header(request).tensors
+            state = {t.name: state[t.name] if t.name in state else kept[t.name] for t in order}
+        self.memory.global_state = (request.run, request.cache.key, state)
+        return state
 
     def _slow_down(self, seconds: float, stop: threading.Event | None) -> None:
         if self.slowdown > 1:

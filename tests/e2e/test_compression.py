@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from fedlink.server.config import parse_config
 from fedlink.server.coordinator import Coordinator
 from fedlink.server.localworkers import start_worker, start_workers, stop_workers
 from fedlink.server.progress import Progress
+from fedlink.models import sized_mlp
 
 HERE = Path(__file__).resolve().parent
 FAULTY = [sys.executable, str(HERE / "faulty_worker.py")]
@@ -81,3 +83,48 @@ async def test_a_worker_sending_an_undecodable_update_is_dropped_by_name(
         assert record["workers"] == 2
         assert f"undecodable {compression['name']} update: tensor '" in record["dropped"]["bad"]
     assert history[-1]["accuracy"] > 0.8
+
+
+class _RestartAfter(Progress):
+    """Kills a worker process and starts it again (same port, same id) when round ``after`` has ended."""
+
+    def __init__(self, worker: Any, after: int) -> None:
+        self.worker, self.after = worker, after
+
+    def round_finished(self, record: dict[str, Any]) -> None:
+        if record["round"] == self.after:
+            self.worker.kill()
+            self.worker.restart()
+
+
+async def test_a_frozen_backbone_goes_down_once_and_again_only_to_a_restarted_worker(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path
+) -> None:
+    """Real processes: round 1 sends everything, later rounds only the head; a worker killed and restarted after
+    round 2 has lost what it kept, and is sent everything again, without missing a round."""
+    shards, test = digit_shards
+    kwargs = {"megabytes": 0.25, "in_features": 64, "num_classes": 10, "frozen_backbone": True}
+    model = sized_mlp(**kwargs)  # type: ignore[arg-type]
+    full = header_of(model.state_dict()).nbytes
+    head = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    workers = start_workers(shards[:2], extra_args=["--threads", "1"])
+    try:
+        config = _config([w.url for w in workers], tmp_path / "run", test, {"name": "none"})
+        config["model"] = {"factory": "fedlink.models:sized_mlp", "kwargs": kwargs}
+        config["rounds"] = 4
+        history = await asyncio.wait_for(
+            Coordinator(parse_config(config), progress=_RestartAfter(workers[1], after=2)).run(), 240
+        )
+    finally:
+        stop_workers(workers)
+    assert [r["workers"] for r in history] == [2, 2, 2, 2], [r["dropped"] for r in history]
+    records = [json.loads(line) for line in (tmp_path / "run" / "workers.jsonl").read_text().splitlines()]
+    fulls = {name: [r["round"] for r in records if r["worker"] == name and r.get("download_bytes") == full]
+             for name in ("worker-0", "worker-1")}
+    # worker-0 gets the backbone once; worker-1 once more after its restart (round 3 or 4: rounds run while the one
+    # before is recorded). Every other request carries the head at most (nothing, to a worker asked again for a
+    # round it already has the state of).
+    assert fulls["worker-0"] == [1] and fulls["worker-1"][0] == 1 and fulls["worker-1"][1] in (3, 4), fulls
+    assert len(fulls["worker-1"]) == 2
+    assert all(r.get("download_bytes", 0) in (0, head, full) for r in records)
+    assert {r["upload_bytes"] for r in records if r["status"] == "ok"} == {head}  # the backbone never goes back

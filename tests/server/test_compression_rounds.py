@@ -14,7 +14,8 @@ from fedlink.compression import CAPABILITIES, CompressionSpec, wire_header
 from fedlink.protocol.messages import Hello
 from fedlink.protocol.tensors import header_of
 from fedlink.server.config import parse_config
-from fedlink.server.coordinator import initial_state
+from fedlink.server.coordinator import Coordinator, initial_state
+from fedlink.server.progress import Progress
 from fedlink.server.errors import ConfigError
 from fedlink.server.inmemory import connect_in_memory
 from fedlink.factory import ModelAllowList
@@ -183,3 +184,57 @@ async def test_frozen_parameters_never_travel_back_and_the_model_is_the_same_to_
     if update == "delta":  # zero deltas leave it to the bit (a float32 mean of equal weights may round)
         assert torch.equal(trimmed[0]["1.weight"], initial["1.weight"])  # the backbone stayed as it was
     assert not torch.equal(trimmed[0]["7.weight"], initial["7.weight"])  # the head trained
+
+
+class _Forget(Progress):
+    """Makes ``daemon`` lose its kept global state once its update of round ``after`` is uploading, when it has
+    kept that round's state and before the next round is sent (as a restart would)."""
+
+    def __init__(self, daemon: WorkerDaemon, after: int) -> None:
+        self.daemon, self.after = daemon, after
+
+    def worker_status(self, server_round: int, worker: str, status: str, detail: str = "") -> None:
+        if server_round == self.after and worker == self.daemon.service.worker_id and status == "uploading":
+            self.daemon.service.memory.global_state = None
+
+
+async def test_only_changed_tensors_travel_down_and_a_lost_cache_costs_one_round(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path
+) -> None:
+    """A frozen backbone goes to each worker once; after that only the head does. A worker that lost what it kept
+    says so, is dropped from that round alone, and is sent everything in the next."""
+    shards, test = digit_shards
+    model = sized_mlp(**FROZEN["kwargs"])  # type: ignore[arg-type]
+    full = header_of(model.state_dict()).nbytes
+    head = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    states = {}
+    for changed_only in (True, False):
+        config = {**_config(tmp_path / str(changed_only), {"update": "delta", "send_only_changed": changed_only}, test,
+                            rounds=4), "model": FROZEN}
+        daemons = [WorkerDaemon(WorkerService(load_shard(s), allow=ModelAllowList(), worker_id=f"worker-{i}"))
+                   for i, s in enumerate(shards)]
+        remotes = [(await connect_in_memory(d, hello=HELLO))[0] for d in daemons]
+        try:
+            coordinator = Coordinator(
+                parse_config({**config, "workers": [f"ws://in-memory-{i}:1" for i in range(3)]}), workers=remotes,
+                progress=_Forget(daemons[1], after=2) if changed_only else Progress(),
+            )
+            await coordinator.run()
+        finally:
+            for daemon in daemons:
+                await daemon.stop()
+            for remote in remotes:
+                await remote.close("done")
+        states[changed_only] = coordinator.state
+    sent = {(w["round"], w["worker"]): (w["status"], w.get("download_bytes")) for w in
+            _records(tmp_path / "True", "workers.jsonl")}
+    assert [sent[(1, f"worker-{i}")] for i in range(3)] == [("ok", full)] * 3
+    assert [sent[(2, f"worker-{i}")] for i in range(3)] == [("ok", head)] * 3
+    assert sent[(3, "worker-0")] == sent[(3, "worker-2")] == ("ok", head)
+    assert sent[(3, "worker-1")][0] == "dropped"
+    reason = _records(tmp_path / "True", "metrics.jsonl")[2]["dropped"]["worker-1"]
+    assert "keep global state" in reason and "the next request must send the whole state" in reason
+    assert sent[(4, "worker-1")] == ("ok", full)
+    assert [r["download_bytes"] for r in _records(tmp_path / "False", "metrics.jsonl")] == [3 * full] * 4
+    # The worker that missed round 3 changes the fold, so compare only what both runs share: the frozen backbone.
+    assert torch.equal(states[True]["1.weight"], states[False]["1.weight"])
