@@ -145,7 +145,11 @@ class VirtualHost:
             role="worker",
             peer_id=f"sim-host-{self.spec.index}",
             software=f"fedlink {__version__}",
-            capabilities=("train", "evaluate", "stages", "weights", "delta", "gradients", "virtual", *CAPABILITIES),
+            # Not download/cached: a host keeping a global state per virtual worker would hold thousands of models.
+            capabilities=(
+                "train", "evaluate", "stages", "weights", "delta", "gradients", "virtual",
+                *(c for c in CAPABILITIES if c != "download/cached"),
+            ),
             dataset=DatasetInfo(
                 num_samples=int(self._y.shape[0]), sample_shape=tuple(int(d) for d in self._x.shape[1:]),
                 x_dtype=str(self._x.dtype.name),
