@@ -11,9 +11,12 @@ import torch
 from fedlink.errors import ModelNotAllowed
 from fedlink.factory import ModelAllowList
 from fedlink.models import mlp
-from fedlink.protocol.messages import EvaluateRequest, ModelSpec, OptimizerSpec, TrainingPlan, TrainRequest
+from fedlink.protocol.messages import (
+    EvaluateRequest, ModelSpec, OptimizerSpec, StateCache, TrainingPlan, TrainRequest,
+)
+from fedlink.protocol.tensors import header_of
 from fedlink.shards import load_shard
-from fedlink.worker.errors import BadRequest
+from fedlink.worker.errors import BadRequest, CacheMiss
 from fedlink.worker.service import WorkerService, expected_header
 
 MLP = ModelSpec(factory="fedlink.models:mlp", kwargs={"in_features": 64, "hidden": 16, "num_classes": 10})
@@ -125,3 +128,31 @@ def test_evaluate_counts_every_sample(digit_shards: tuple[list[Path], Path]) -> 
     assert result.num_samples == service.shard.num_samples
     assert 0 <= result.accuracy <= 0.3, "an untrained model is near chance on 10 classes"
     assert result.loss > 1.5
+
+
+def _cached(request: TrainRequest, base: str | None, key: str) -> TrainRequest:
+    return request.model_copy(update={"run": "r1", "cache": StateCache(base=base, key=key)})
+
+
+def test_a_partial_state_is_completed_from_the_kept_one_and_trains_the_same(digit_shards: tuple[list[Path], Path]) -> None:
+    service = _service(digit_shards[0][0])
+    start = _global()
+    _, whole = service.train(_cached(_request(seed=3), None, "k.1"), start)
+    part = {"1.weight": start["1.weight"]}  # the rest is what the worker kept under k.1
+    announced = header_of(part)
+    assert service.train_header(_cached(_request(seed=3), "k.1", "k.2"), announced) == announced
+    _, again = service.train(_cached(_request(seed=3), "k.1", "k.2"), part)
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+    assert service.memory.global_state is not None and service.memory.global_state[1] == "k.2"
+
+
+def test_a_worker_that_does_not_keep_the_base_says_cache_miss(digit_shards: tuple[list[Path], Path]) -> None:
+    service = _service(digit_shards[0][0])
+    announced = header_of({"1.weight": _global()["1.weight"]})
+    with pytest.raises(CacheMiss, match="does not keep global state 'k.9'.*send the whole state") as caught:
+        service.train_header(_cached(_request(), "k.9", "k.10"), announced)
+    assert caught.value.code == "cache_miss"
+    service.train(_cached(_request(), None, "k.1"), _global())
+    service.memory.global_state[2]["1.bias"] = torch.zeros(3)  # type: ignore[index]  # kept, but not what it should be
+    with pytest.raises(CacheMiss, match=r"no 1.bias float32\[16\]"):
+        service.train_header(_cached(_request(), "k.1", "k.2"), announced)
