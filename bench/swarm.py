@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedlink.collector import tune_for_daemon
 from fedlink.server.progress import Progress
 
 GOAL_SECONDS = 2.0
@@ -159,6 +160,8 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=4, help="child processes the workers are spread over")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--params", type=int, default=100_000, help="model size in parameters (about)")
+    parser.add_argument("--collector", choices=["daemon", "python"], default="daemon",
+                        help="daemon: the garbage-collector settings fl-coordinator uses; python: Python's defaults")
     parser.add_argument("--child", nargs=5, metavar=("URL", "TOKEN", "SHARD", "FIRST", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -202,6 +205,9 @@ def main() -> int:
     })
     watch = _Watch(args.workers)
     coordinator = Coordinator(config, progress=watch)
+    if args.collector == "daemon":
+        tune_for_daemon()  # as fl-coordinator's commands do
+    print(f"  garbage collector thresholds {gc.get_threshold()} ({args.collector})")
     for name in ("fedlink", "fedlink.server", "websockets", "websockets.server"):
         logging.getLogger(name).setLevel(logging.WARNING)
     params = sum(t.numel() for t in coordinator.state.values())

@@ -13,6 +13,7 @@ import click
 import numpy as np
 from rich.console import Console
 
+from fedlink.collector import tune_for_daemon
 from fedlink.errors import FedlinkError
 from fedlink.shards import load_shard, save_shard
 
@@ -51,6 +52,7 @@ def main() -> None:
 def train(config_path: Path, resume: bool, log_level: str) -> None:
     """Run the federated training job described by CONFIG (YAML)."""
     _logging(log_level)
+    tune_for_daemon()
     console = Console(stderr=True)
     try:
         config = load_config(config_path)
@@ -84,6 +86,7 @@ def simulate(config_path: Path, resume: bool, log_level: str) -> None:
     from .simulation.run import SimulationDisplay, simulate_async
 
     _logging(log_level)
+    tune_for_daemon()
     console = Console(stderr=True)
     try:
         config = load_config(config_path)
@@ -197,6 +200,7 @@ def demo(rounds: int, n_workers: int, seed: int, out: Path, log_level: str) -> N
     from .demo import run_demo  # scikit-learn is needed only here
 
     _logging(log_level)
+    tune_for_daemon()
     console = Console(stderr=True)
     try:
         with make_progress(console) as progress:
