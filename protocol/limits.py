@@ -34,6 +34,11 @@ class Limits(BaseModel):
         4, ge=1, le=1024,
         description="coordinator: most worker updates being received or waiting for their turn in the fold at once",
     )
+    upload_buffer_bytes: int = Field(
+        512 * MiB, ge=1,
+        description="coordinator: updates being received or waiting hold at most this many bytes together (always "
+        "room for one): with a large model fewer than concurrent_uploads are in flight, and memory stays near 3x it",
+    )
     max_update_norm: float = Field(
         1e9, gt=0, allow_inf_nan=False,
         description="coordinator: an update whose floating-point tensors have a larger L2 norm is refused "

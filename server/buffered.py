@@ -28,7 +28,7 @@ from .rounds import RoundReport, round_context
 from .strategy.base import ClientUpdate, as_aggregate
 from .strategy.fedbuff import BufferedAggregation, FedBuff
 from .train_stage import check_result, derive_seed
-from .transfer import DownloadCache
+from .transfer import DownloadCache, upload_slots
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator
@@ -67,7 +67,7 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
         coordinator.output.start()
     header = header_of(coordinator.state)
     strategy.configure_train(first_round, coordinator._plan(first_round))  # refuses a bad config before any work
-    uploads = asyncio.Semaphore(config.limits.concurrent_uploads)
+    uploads = asyncio.Semaphore(upload_slots(config.limits, header))
     done = asyncio.Event()
     buffer = _Buffer(coordinator, first_round - 1)
     pending: asyncio.Future[None] | None = None

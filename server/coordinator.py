@@ -34,7 +34,7 @@ from .evaluate_stage import EvaluateStage, weighted_evaluation
 from .secure_rounds import SecureRound
 from .privacy import CentralDPStrategy, DistributedDPStrategy, RunPrivacy
 from .rounds import RoundReport, derive_seed, run_round
-from .transfer import TransferFormat
+from .transfer import TransferFormat, upload_slots
 from .security import Security
 from .strategy import Strategy, build_strategy
 
@@ -316,7 +316,7 @@ class Coordinator:
                     timeout=config.timeouts.round,
                     min_workers=config.sampling.min_workers,
                     run_id=self.run_id,
-                    concurrent_uploads=config.limits.concurrent_uploads,
+                    concurrent_uploads=upload_slots(config.limits, update_header),
                     observer=self.progress,
                     max_samples=self._sample_caps(selected),
                     max_update_norm=config.limits.max_update_norm,

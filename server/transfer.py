@@ -36,6 +36,7 @@ from fedlink.compression import (
     download_header,
     wire_header,
 )
+from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import HookSpec, StateCache, TrainingPlan, UpdateKind
 from fedlink.protocol.session import Session
 from fedlink.protocol.tensors import DTYPES, State, StateHeader
@@ -43,9 +44,16 @@ from fedlink.protocol.tensors import DTYPES, State, StateHeader
 from .errors import InvalidUpdate
 from .remote import RemoteWorker
 
-__all__ = ["TransferFormat", "WorkerTransfer", "download_capability"]
+__all__ = ["TransferFormat", "WorkerTransfer", "download_capability", "upload_slots"]
 
 log = logging.getLogger("fedlink.server")
+
+
+def upload_slots(limits: Limits, update_header: StateHeader) -> int:
+    """How many updates may be received or wait for their turn at once: ``limits.concurrent_uploads``, fewer when
+    that many would hold more than ``limits.upload_buffer_bytes`` (a 400 MB model gets one: the coordinator then
+    holds the global model, the running sum and one update, about 3x the model, instead of 5x with 3 in flight)."""
+    return max(1, min(limits.concurrent_uploads, limits.upload_buffer_bytes // max(1, update_header.nbytes)))
 
 
 def download_capability(dtype: str) -> str:

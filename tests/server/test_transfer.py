@@ -1,0 +1,23 @@
+"""Per-worker transfer settings that need no round: upload slots against the upload buffer."""
+
+from __future__ import annotations
+
+from fedlink.protocol.limits import Limits
+from fedlink.protocol.tensors import StateHeader, TensorSpec
+from fedlink.server.transfer import upload_slots
+
+MiB = 1 << 20
+
+
+def _update(megabytes: int) -> StateHeader:
+    return StateHeader(tensors=(TensorSpec(name="w", dtype="float32", shape=(megabytes * MiB // 4,)),))
+
+
+def test_small_models_keep_every_upload_slot_and_large_ones_get_what_the_buffer_holds() -> None:
+    limits = Limits()  # 4 slots, 512 MiB
+    assert upload_slots(limits, _update(1)) == 4
+    assert upload_slots(limits, _update(200)) == 2
+    assert upload_slots(limits, _update(400)) == 1
+    assert upload_slots(limits, _update(4096)) == 1  # always room for one
+    assert upload_slots(Limits(upload_buffer_bytes=8 * 1024 * MiB), _update(400)) == 4
+    assert upload_slots(Limits(concurrent_uploads=1), _update(1)) == 1
