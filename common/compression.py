@@ -1,8 +1,8 @@
 """Update compression: what a worker's update looks like on the wire, and how each side gets there and back.
 
 ``training.compression`` picks one scheme for the run; the coordinator asks for it, in the training plan, only of
-workers whose hello offers it (:func:`capability`), so an older worker keeps sending plain updates. Compression
-is the last step of the worker's update pipeline (a training hook that runs after every other hook), so it sees
+workers whose hello offers it (:func:`fedlink.protocol.capabilities.compress`), so an older worker keeps sending
+plain updates. Compression is the last step of the worker's update pipeline (a training hook that runs after every other hook), so it sees
 the update exactly as it would otherwise travel, SCAFFOLD's control-variate deltas included.
 
 Schemes, applied to each floating-point tensor (integer and bool buffers travel as they are):
@@ -44,10 +44,8 @@ __all__ = [
     "CompressionSpec",
     "CompressionError",
     "CompressionHook",
-    "CAPABILITIES",
     "SCALE_PREFIX",
     "INDEX_PREFIX",
-    "capability",
     "wire_header",
     "compress",
     "decompress",
@@ -81,22 +79,6 @@ class CompressionSpec(BaseModel):
 
     name: CompressionName = "none"
     ratio: float = Field(0.01, gt=0, le=1, description="topk: fraction of each tensor's entries sent")
-
-
-def capability(name: str) -> str:
-    """The hello capability a worker offers when it can compress its updates with scheme ``name``."""
-    return f"compress/{name}"
-
-
-#: What a worker of this version offers in its hello: every scheme, a float16/bfloat16 download, updates that leave
-#: out frozen parameters, and downloads of only what changed since the last global state it kept.
-CAPABILITIES: tuple[str, ...] = (
-    *(capability(n) for n in ("float16", "bfloat16", "int8", "topk")),
-    "download/float16",
-    "download/bfloat16",
-    "upload/trainable",
-    "download/cached",
-)
 
 
 def _topk_count(numel: int, ratio: float) -> int:

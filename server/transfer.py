@@ -2,7 +2,7 @@
 trainable-only uploads, negotiated against what the worker's hello offers.
 
 ``training.compression``, ``training.download`` and ``training.upload`` are what the operator wants; a worker gets
-them only if its hello lists the capability (:data:`fedlink.compression.CAPABILITIES`). One that does not (an older
+them only if its hello lists the capability (:mod:`fedlink.protocol.capabilities`). One that does not (an older
 fedlink) trains and uploads as before, and the coordinator says so once per worker, not once per round.
 
 With ``training.upload: trainable`` (the default) a model's frozen parameters (``requires_grad=False``, a frozen
@@ -30,12 +30,12 @@ from fedlink.compression import (
     CompressionError,
     CompressionSpec,
     DownloadDtype,
-    capability,
     cast_download,
     decompress,
     download_header,
     wire_header,
 )
+from fedlink.protocol import capabilities
 from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import HookSpec, StateCache, TrainingPlan, UpdateKind
 from fedlink.protocol.session import Session
@@ -44,7 +44,7 @@ from fedlink.protocol.tensors import DTYPES, State, StateHeader
 from .errors import InvalidUpdate
 from .remote import RemoteWorker
 
-__all__ = ["TransferFormat", "WorkerTransfer", "download_capability", "upload_slots"]
+__all__ = ["TransferFormat", "WorkerTransfer", "upload_slots"]
 
 log = logging.getLogger("fedlink.server")
 
@@ -54,10 +54,6 @@ def upload_slots(limits: Limits, update_header: StateHeader) -> int:
     that many would hold more than ``limits.upload_buffer_bytes`` (a 400 MB model gets one: the coordinator then
     holds the global model, the running sum and one update, about 3x the model, instead of 5x with 3 in flight)."""
     return max(1, min(limits.concurrent_uploads, limits.upload_buffer_bytes // max(1, update_header.nbytes)))
-
-
-def download_capability(dtype: str) -> str:
-    return f"download/{dtype}"
 
 
 @dataclass(frozen=True)
@@ -154,7 +150,7 @@ class TransferFormat:
         on the new state: a request that fails leaves the coordinator believing nothing, so the next is whole."""
         kept = self._kept.pop(worker.name, None)
         session = worker.session
-        if not self.send_only_changed or session is None or "download/cached" not in session.peer_hello.capabilities:
+        if not self.send_only_changed or session is None or capabilities.DOWNLOAD_CACHED not in session.peer_hello.capabilities:
             return None, frozenset()
         snapshot = dict(self.versions.versions)
         key = f"{self.versions.key}.{download}"
@@ -176,17 +172,17 @@ class TransferFormat:
         hello = session.peer_hello if session is not None else worker.hello
         offered = set(hello.capabilities) if hello is not None else set()
         compression = CompressionSpec()
-        if self.compression.name != "none" and self._offers(worker, offered, capability(self.compression.name)):
+        if self.compression.name != "none" and self._offers(worker, offered, capabilities.compress(self.compression.name)):
             compression = self.compression
             plan = plan.with_hook(
                 HookSpec(name="compress", params={"scheme": compression.name, "ratio": compression.ratio})
             )
         download: DownloadDtype = "float32"
-        if self.download != "float32" and self._offers(worker, offered, download_capability(self.download)):
+        if self.download != "float32" and self._offers(worker, offered, capabilities.download(self.download)):
             download = self.download
             plan = plan.model_copy(update={"download": download})
         sent_header = update_header
-        if self.frozen and self.upload == "trainable" and self._offers(worker, offered, "upload/trainable"):
+        if self.frozen and self.upload == "trainable" and self._offers(worker, offered, capabilities.UPLOAD_TRAINABLE):
             plan = plan.model_copy(update={"upload": "trainable"})
             sent_header = StateHeader(tensors=tuple(t for t in update_header.tensors if t.name not in self.frozen))
         return WorkerTransfer(

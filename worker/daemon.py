@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fedlink.backoff import Backoff, keep_connected
-from fedlink.compression import CAPABILITIES
+from fedlink.protocol import capabilities
 from fedlink.protocol.auth import Keyring
 from fedlink.protocol.channel import Channel
 from fedlink.protocol.errors import ProtocolError
@@ -81,7 +81,7 @@ class WorkerDaemon:
             role="worker",
             peer_id=self.service.worker_id,
             software=f"fedlink {__version__}",
-            capabilities=("train", "evaluate", "stages", "weights", "delta", "gradients", *CAPABILITIES),
+            capabilities=("train", "evaluate", "stages", "weights", "delta", "gradients", *capabilities.TRANSFER),
             dataset=self.service.dataset_info(),
             heartbeat=self.options.heartbeat_interval,
         )

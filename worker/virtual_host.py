@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedlink.compression import CAPABILITIES
 from fedlink.factory import ModelAllowList
 from fedlink.plugins import PluginAllowList
+from fedlink.protocol import capabilities
 from fedlink.protocol.auth import Keyring, Secret
 from fedlink.protocol.channel import Channel
 from fedlink.protocol.connect import open_session
@@ -148,7 +148,7 @@ class VirtualHost:
             # Not download/cached: a host keeping a global state per virtual worker would hold thousands of models.
             capabilities=(
                 "train", "evaluate", "stages", "weights", "delta", "gradients", "virtual",
-                *(c for c in CAPABILITIES if c != "download/cached"),
+                *(c for c in capabilities.TRANSFER if c != capabilities.DOWNLOAD_CACHED),
             ),
             dataset=DatasetInfo(
                 num_samples=int(self._y.shape[0]), sample_shape=tuple(int(d) for d in self._x.shape[1:]),

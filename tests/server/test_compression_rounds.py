@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from fedlink.compression import CAPABILITIES, CompressionSpec, wire_header
+from fedlink.compression import CompressionSpec, wire_header
+from fedlink.protocol.capabilities import TRANSFER
 from fedlink.protocol.messages import Hello
 from fedlink.protocol.tensors import header_of
 from fedlink.server.config import parse_config
@@ -83,7 +84,7 @@ class OlderDaemon(WorkerDaemon):
 
     def hello(self) -> Hello:
         hello = super().hello()
-        return hello.model_copy(update={"capabilities": tuple(c for c in hello.capabilities if c not in CAPABILITIES)})
+        return hello.model_copy(update={"capabilities": tuple(c for c in hello.capabilities if c not in TRANSFER)})
 
 
 async def test_a_worker_without_the_capability_trains_uncompressed_and_is_named_once(
