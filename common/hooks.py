@@ -180,6 +180,8 @@ class ScaffoldHook(TrainingHook):
 
     def before_step(self, model: nn.Module) -> None:
         for name, p in self._params.items():
+            if not p.requires_grad:  # frozen: the correction must not make the optimizer move it
+                continue
             if p.grad is None:
                 p.grad = self._correction[name].clone()
             else:

@@ -239,3 +239,19 @@ async def test_only_changed_tensors_travel_down_and_a_lost_cache_costs_one_round
     assert [r["download_bytes"] for r in _records(tmp_path / "False", "metrics.jsonl")] == [3 * full] * 4
     # The worker that missed round 3 changes the fold, so compare only what both runs share: the frozen backbone.
     assert torch.equal(states[True]["1.weight"], states[False]["1.weight"])
+
+
+async def test_scaffold_leaves_a_frozen_backbone_alone(digit_shards: tuple[list[Path], Path], tmp_path: Path) -> None:
+    """SCAFFOLD's correction is added to every gradient; a frozen parameter has none and must stay frozen (given a
+    gradient, even a zero one, weight decay would shrink it)."""
+    shards, test = digit_shards
+    # upload: all, so that the coordinator sees what the worker did to the backbone rather than filling it in
+    training = {"update": "delta", "upload": "all", "optimizer": {"lr": 0.05, "weight_decay": 0.01}}
+    config = {**_config(tmp_path / "run", training, test, rounds=2),
+              "model": FROZEN, "strategy": {"name": "scaffold"}}
+    async with in_memory_workers(shards) as remotes:
+        coordinator = coordinator_for(remotes, config)
+        await coordinator.run()
+    initial, _ = initial_state(parse_config({**config, "workers": ["ws://x:1"], "sampling": {"min_workers": 1}}))
+    assert torch.equal(coordinator.state["1.weight"], initial["1.weight"])
+    assert not torch.equal(coordinator.state["7.weight"], initial["7.weight"])
