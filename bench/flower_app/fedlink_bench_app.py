@@ -24,7 +24,7 @@ import importlib.util
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -106,14 +106,14 @@ def train(msg: Message, context: Context) -> Message:
     set_threads(config)
     started = time.perf_counter()
     models = load_models(str(config["models-path"]))
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(str(msg.content.config_records["config"]["server-round"]))
     partition = int(context.node_config.get("partition-id", 0))
     # A distinct, reproducible stream per (seed, round, node).
     generator = torch.Generator().manual_seed(int(config["seed"]) * 1_000_003 + server_round * 1_009 + partition)
 
     model = build_model(models, config)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(keep_input=False))
-    del msg.content["arrays"]
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict(keep_input=False))
+    del msg.content["arrays"]  # emptied above; drop the record too
     model.train()
 
     if config["workload"] == "w1":
@@ -127,7 +127,7 @@ def train(msg: Message, context: Context) -> Message:
                 batch = order[start:start + batch_size]
                 optimizer.zero_grad()
                 loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 total_loss += float(loss.item())
                 steps += 1
@@ -139,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
         optimizer = torch.optim.SGD(model.parameters(), lr=float(config["w2-lr"]), momentum=float(config["w2-momentum"]))
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(inputs), labels)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         total_loss, steps, num_examples = float(loss.item()), 1, batch_size
         del optimizer, inputs, labels
@@ -246,11 +246,11 @@ def run_job(grid: Grid, config: dict[str, Any], timings: Timings) -> None:
         time.sleep(0.2)
     timings.data["nodes_waited_seconds"] = time.time() - waited
 
-    evaluate_fn = None
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None]
     if workload == "w1":
         test_x, test_y = load_records(str(config["test-path"]))
 
-        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        def evaluate_w1(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             model.load_state_dict(arrays.to_torch_state_dict())
             model.eval()
             correct, loss = 0, 0.0
@@ -266,12 +266,17 @@ def run_job(grid: Grid, config: dict[str, Any], timings: Timings) -> None:
             if server_round > 0:
                 timings.stamp("round_end", server_round)
             return MetricRecord({"accuracy": accuracy, "loss": mean_loss})
+
+        evaluate_fn = evaluate_w1
     else:
         del model  # W2 needs no server-side copy beyond the ArrayRecord being averaged
 
-        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> None:
-            if server_round > 0:
+        def evaluate_w2(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round > 0:  # no evaluation: only the end-of-round time stamp
                 timings.stamp("round_end", server_round)
+            return None
+
+        evaluate_fn = evaluate_w2
 
     strategy = TimedFedAvg(
         timings,
