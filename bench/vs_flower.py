@@ -76,6 +76,7 @@ def fedlink_w1(shards: list[Path], test: Path, rounds: int, out: Path) -> dict[s
 
 def fedlink_w2(folder: Path, rounds: int) -> dict[str, Any]:
     memory = _load_bench_module("coordinator_memory")
+    folder.mkdir(parents=True, exist_ok=True)
     shards = memory.make_shards(folder, 3, samples=32, features=64)
     workers = start_workers(shards, extra_args=["--threads", "1"])
     try:
