@@ -85,9 +85,9 @@ def _topk_count(numel: int, ratio: float) -> int:
     return max(1, math.ceil(ratio * numel))
 
 
-def _sparse(spec: TensorSpec, ratio: float) -> bool:
+def _sparse(numel: int, ratio: float) -> bool:
     """Whether ``topk`` sends this tensor as (index, value) pairs: only where they take less than the values."""
-    return spec.numel > 0 and 2 * _topk_count(spec.numel, ratio) < spec.numel
+    return numel > 0 and 2 * _topk_count(numel, ratio) < numel
 
 
 def _index_dtype(numel: int) -> str:
@@ -107,7 +107,7 @@ def wire_header(header: StateHeader, spec: CompressionSpec) -> StateHeader:
         elif spec.name == "int8":
             out += [TensorSpec(name=t.name, dtype="int8", shape=t.shape),
                     TensorSpec(name=SCALE_PREFIX + t.name, dtype="float32", shape=())]
-        elif _sparse(t, spec.ratio):
+        elif _sparse(t.numel, spec.ratio):
             k = _topk_count(t.numel, spec.ratio)
             out += [TensorSpec(name=t.name, dtype=t.dtype, shape=(k,)),
                     TensorSpec(name=INDEX_PREFIX + t.name, dtype=_index_dtype(t.numel), shape=(k,))]
@@ -150,8 +150,7 @@ def compress(
         elif spec.name == "int8":
             wire[name], wire[SCALE_PREFIX + name] = _quantise(value, generator)
         else:
-            tensor_spec = TensorSpec(name=name, dtype=str(value.dtype).removeprefix("torch."), shape=tuple(value.shape))
-            if not _sparse(tensor_spec, spec.ratio):
+            if not _sparse(value.numel(), spec.ratio):
                 wire[name] = value
                 continue
             carried = residual.get(name) if residual else None

@@ -113,12 +113,14 @@ class StateVersions:
     def advance(self, old: State, new: State) -> None:
         """The global state went from ``old`` to ``new``: bump the version of every tensor whose values changed."""
         self._round += 1
+        versions = dict(self.versions)  # replaced, never changed in place: workers' snapshots share it
         for name, value in new.items():
             before = old.get(name)
             if before is None or not (
                 before is value or (before.shape == value.shape and before.dtype == value.dtype and torch.equal(before, value))
             ):
-                self.versions[name] = self._round
+                versions[name] = self._round
+        self.versions = versions
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,9 @@ class TransferFormat:
     _told: set[tuple[str, str]] = field(default_factory=set)  # (worker, capability) already warned about
     _kept: dict[str, _Kept] = field(default_factory=dict)  # what each worker keeps, as far as we know
     _pending: dict[str, _Kept] = field(default_factory=dict)  # sent, not yet trained on
+    _header_cache: dict[tuple[int, bool, CompressionSpec], tuple[StateHeader, StateHeader, StateHeader]] = field(
+        default_factory=dict
+    )
 
     def cache_for(self, worker: RemoteWorker, download: str) -> tuple[StateCache | None, frozenset[str]]:
         """Whether ``worker`` is sent only what changed: the request's cache field and the tensors left out.
@@ -152,7 +157,7 @@ class TransferFormat:
         session = worker.session
         if not self.send_only_changed or session is None or capabilities.DOWNLOAD_CACHED not in session.peer_hello.capabilities:
             return None, frozenset()
-        snapshot = dict(self.versions.versions)
+        snapshot = self.versions.versions  # replaced by advance(), never changed in place: no copy per worker
         key = f"{self.versions.key}.{download}"
         self._pending[worker.name] = _Kept(session, download, snapshot, key)
         if kept is None or kept.session is not session or kept.download != download:
@@ -181,18 +186,37 @@ class TransferFormat:
         if self.download != "float32" and self._offers(worker, offered, capabilities.download(self.download)):
             download = self.download
             plan = plan.model_copy(update={"download": download})
-        sent_header = update_header
-        if self.frozen and self.upload == "trainable" and self._offers(worker, offered, capabilities.UPLOAD_TRAINABLE):
+        trimmed = bool(self.frozen) and self.upload == "trainable" and self._offers(
+            worker, offered, capabilities.UPLOAD_TRAINABLE
+        )
+        if trimmed:
             plan = plan.model_copy(update={"upload": "trainable"})
-            sent_header = StateHeader(tensors=tuple(t for t in update_header.tensors if t.name not in self.frozen))
+        sent_header, wire = self._headers(update_header, trimmed, compression)
         return WorkerTransfer(
             plan=plan,
             download=download,
             update_header=update_header,
             sent_header=sent_header,
-            wire_header=wire_header(sent_header, compression),
+            wire_header=wire,
             compression=compression,
         )
+
+    def _headers(
+        self, update_header: StateHeader, trimmed: bool, compression: CompressionSpec
+    ) -> tuple[StateHeader, StateHeader]:
+        """What a worker sends (dense, and on the wire): the same for every worker granted the same, so computed
+        once per round and kind of worker rather than once per worker (a thousand workers share a few entries)."""
+        key = (id(update_header), trimmed, compression)
+        cached = self._header_cache.get(key)
+        if cached is None or cached[0] is not update_header:
+            sent = update_header
+            if trimmed:
+                sent = StateHeader(tensors=tuple(t for t in update_header.tensors if t.name not in self.frozen))
+            cached = (update_header, sent, wire_header(sent, compression))
+            if len(self._header_cache) > 8:
+                self._header_cache.clear()
+            self._header_cache[key] = cached
+        return cached[1], cached[2]
 
     def _offers(self, worker: RemoteWorker, offered: set[str], wanted: str) -> bool:
         if wanted in offered:

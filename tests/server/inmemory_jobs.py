@@ -12,6 +12,7 @@ from fedlink.protocol.messages import Hello
 from fedlink.server.config import parse_config
 from fedlink.server.coordinator import Coordinator
 from fedlink.server.inmemory import connect_in_memory
+from fedlink.server.progress import Progress
 from fedlink.server.remote import RemoteWorker
 from fedlink.shards import load_shard
 from fedlink.worker.daemon import WorkerDaemon
@@ -20,13 +21,16 @@ from fedlink.worker.service import WorkerService
 HELLO = Hello(role="coordinator", peer_id="test")
 
 
+def daemon_for(shard: Path, index: int, *, slowdown: float = 1.0) -> WorkerDaemon:
+    """A worker daemon over ``shard`` with id ``worker-<index>``."""
+    return WorkerDaemon(
+        WorkerService(load_shard(shard), allow=ModelAllowList(), worker_id=f"worker-{index}", slowdown=slowdown)
+    )
+
+
 @asynccontextmanager
-async def in_memory_workers(shards: list[Path]) -> AsyncIterator[list[RemoteWorker]]:
-    """One worker daemon per shard (ids ``worker-0``...), each joined to a RemoteWorker; always stopped."""
-    daemons = [
-        WorkerDaemon(WorkerService(load_shard(shard), allow=ModelAllowList(), worker_id=f"worker-{i}"))
-        for i, shard in enumerate(shards)
-    ]
+async def connected(daemons: list[WorkerDaemon]) -> AsyncIterator[list[RemoteWorker]]:
+    """Each daemon joined to a RemoteWorker; the daemons and their sessions are always stopped."""
     remotes: list[RemoteWorker] = []
     try:
         for daemon in daemons:
@@ -39,10 +43,17 @@ async def in_memory_workers(shards: list[Path]) -> AsyncIterator[list[RemoteWork
             await remote.close("done")
 
 
-def coordinator_for(remotes: list[RemoteWorker], config: dict[str, Any]) -> Coordinator:
+@asynccontextmanager
+async def in_memory_workers(shards: list[Path]) -> AsyncIterator[list[RemoteWorker]]:
+    """One worker daemon per shard (ids ``worker-0``...), each joined to a RemoteWorker; always stopped."""
+    async with connected([daemon_for(shard, i) for i, shard in enumerate(shards)]) as remotes:
+        yield remotes
+
+
+def coordinator_for(remotes: list[RemoteWorker], config: dict[str, Any], progress: Progress | None = None) -> Coordinator:
     """A coordinator for ``config`` whose workers are ``remotes`` (stand-in URLs satisfy the config's checks)."""
     urls = [f"ws://in-memory-{i}:1" for i in range(len(remotes))]
-    return Coordinator(parse_config({**config, "workers": urls}), workers=remotes)
+    return Coordinator(parse_config({**config, "workers": urls}), workers=remotes, progress=progress)
 
 
 async def run_in_memory(shards: list[Path], config: dict[str, Any]) -> Coordinator:

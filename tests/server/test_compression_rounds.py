@@ -15,17 +15,16 @@ from fedlink.protocol.capabilities import TRANSFER
 from fedlink.protocol.messages import Hello
 from fedlink.protocol.tensors import header_of
 from fedlink.server.config import parse_config
-from fedlink.server.coordinator import Coordinator, initial_state
+from fedlink.server.coordinator import initial_state
 from fedlink.server.progress import Progress
 from fedlink.server.errors import ConfigError
-from fedlink.server.inmemory import connect_in_memory
 from fedlink.factory import ModelAllowList
 from fedlink.models import mlp, sized_mlp
 from fedlink.shards import load_shard
 from fedlink.worker.daemon import WorkerDaemon
 from fedlink.worker.service import WorkerService
 
-from .inmemory_jobs import HELLO, coordinator_for, in_memory_workers
+from .inmemory_jobs import connected, coordinator_for, daemon_for, in_memory_workers
 
 MLP = {"factory": "fedlink.models:mlp", "kwargs": {"in_features": 64, "hidden": 64, "num_classes": 10}}
 DENSE = header_of(mlp(**MLP["kwargs"]).state_dict())  # type: ignore[arg-type]
@@ -93,17 +92,11 @@ async def test_a_worker_without_the_capability_trains_uncompressed_and_is_named_
     shards, test = digit_shards
     new = WorkerDaemon(WorkerService(load_shard(shards[0]), allow=ModelAllowList(), worker_id="new"))
     old = OlderDaemon(WorkerService(load_shard(shards[1]), allow=ModelAllowList(), worker_id="old"))
-    remotes = [(await connect_in_memory(d, hello=HELLO))[0] for d in (new, old)]
     config = _config(tmp_path / "run", {"compression": {"name": "topk", "ratio": 0.01}, "download": "float16"}, test, 3)
     config["sampling"] = {"min_workers": 2}
-    try:
+    async with connected([new, old]) as remotes:
         with caplog.at_level(logging.WARNING, logger="fedlink.server"):
             await coordinator_for(remotes, config).run()
-    finally:
-        for daemon in (new, old):
-            await daemon.stop()
-        for remote in remotes:
-            await remote.close("done")
     dense = DENSE
     sent = {(w["worker"], w["upload_bytes"], w["download_bytes"]) for w in _records(tmp_path / "run", "workers.jsonl")}
     topk = wire_header(dense, CompressionSpec(name="topk", ratio=0.01)).nbytes
@@ -212,20 +205,11 @@ async def test_only_changed_tensors_travel_down_and_a_lost_cache_costs_one_round
     for changed_only in (True, False):
         config = {**_config(tmp_path / str(changed_only), {"update": "delta", "send_only_changed": changed_only}, test,
                             rounds=4), "model": FROZEN}
-        daemons = [WorkerDaemon(WorkerService(load_shard(s), allow=ModelAllowList(), worker_id=f"worker-{i}"))
-                   for i, s in enumerate(shards)]
-        remotes = [(await connect_in_memory(d, hello=HELLO))[0] for d in daemons]
-        try:
-            coordinator = Coordinator(
-                parse_config({**config, "workers": [f"ws://in-memory-{i}:1" for i in range(3)]}), workers=remotes,
-                progress=_Forget(daemons[1], after=2) if changed_only else Progress(),
-            )
+        daemons = [daemon_for(shard, i) for i, shard in enumerate(shards)]
+        async with connected(daemons) as remotes:
+            progress = _Forget(daemons[1], after=2) if changed_only else Progress()
+            coordinator = coordinator_for(remotes, config, progress)
             await coordinator.run()
-        finally:
-            for daemon in daemons:
-                await daemon.stop()
-            for remote in remotes:
-                await remote.close("done")
         states[changed_only] = coordinator.state
     sent = {(w["round"], w["worker"]): (w["status"], w.get("download_bytes")) for w in
             _records(tmp_path / "True", "workers.jsonl")}

@@ -18,14 +18,10 @@ from fedlink.server.strategy import Aggregation, FedAvg
 from fedlink.server.strategy.base import Aggregate, RoundContext
 from fedlink.server.strategy.updates import MeanAggregation
 
-from fedlink.factory import ModelAllowList
-from fedlink.server.inmemory import connect_in_memory
 from fedlink.server.progress import Progress
 from fedlink.shards import load_shard
-from fedlink.worker.daemon import WorkerDaemon
-from fedlink.worker.service import WorkerService
 
-from .inmemory_jobs import run_in_memory
+from .inmemory_jobs import connected, coordinator_for, daemon_for, run_in_memory
 
 HELLO = Hello(role="coordinator", peer_id="test")
 MLP = {"factory": "fedlink.models:mlp", "kwargs": {"in_features": 64, "hidden": 16, "num_classes": 10}}
@@ -55,23 +51,12 @@ class ArrivalOrder(Progress):
 
 async def _job_with_slow_worker(shards: list[Path], out: Path, config: dict[str, Any], slow: int) -> tuple[str, ArrivalOrder]:
     """The job of :func:`_job`, with worker ``slow`` taking 40 times as long, so that its update arrives last."""
-    daemons = [
-        WorkerDaemon(WorkerService(load_shard(shard), allow=ModelAllowList(), worker_id=f"worker-{i}",
-                                   slowdown=40.0 if i == slow else 1.0))
-        for i, shard in enumerate(shards)
-    ]
-    remotes = [(await connect_in_memory(d, hello=HELLO))[0] for d in daemons]
+    daemons = [daemon_for(shard, i, slowdown=40.0 if i == slow else 1.0) for i, shard in enumerate(shards)]
     arrivals = ArrivalOrder()
-    try:
-        full = {"name": "engine", "seed": 3, "model": MLP, "rounds": 3, "output": str(out), **config,
-                "workers": [f"ws://in-memory-{i}:1" for i in range(len(shards))]}
-        coordinator = Coordinator(parse_config(full), workers=remotes, progress=arrivals)
+    async with connected(daemons) as remotes:
+        job = {"name": "engine", "seed": 3, "model": MLP, "rounds": 3, "output": str(out), **config}
+        coordinator = coordinator_for(remotes, job, arrivals)
         await coordinator.run()
-    finally:
-        for daemon in daemons:
-            await daemon.stop()
-        for remote in remotes:
-            await remote.close("done")
     return _digest(coordinator.state), arrivals
 
 
