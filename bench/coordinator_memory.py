@@ -28,6 +28,7 @@ import argparse
 import ctypes
 import ctypes.util
 import json
+import logging
 import os
 import re
 import signal
@@ -88,6 +89,7 @@ class HeapSampler(threading.Thread):
         self._interval = interval
         self._halt = threading.Event()
         self.peak = 0
+        self.trace = False
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             self._mallinfo2 = libc.mallinfo2
@@ -104,8 +106,13 @@ class HeapSampler(threading.Thread):
         return int(info.uordblks + info.hblkhd)
 
     def run(self) -> None:
+        step = 32 * MiB
         while not self._halt.is_set():
-            self.peak = max(self.peak, self.in_use())
+            in_use = self.in_use()
+            if self.trace and in_use > self.peak + step:
+                log = logging.getLogger("bench.heap")
+                log.warning("heap in use %.0f MiB (new peak)", in_use / MiB)
+            self.peak = max(self.peak, in_use)
             self._halt.wait(self._interval)
 
     def stop(self) -> None:
@@ -124,7 +131,10 @@ def child(spec: dict[str, Any]) -> None:
     from fedlink.server.config import parse_config
     from fedlink.server.coordinator import Coordinator
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if spec.get("trace") else logging.WARNING, stream=sys.stderr,
+        format="%(asctime)s.%(msecs)03d %(name)s %(message)s", datefmt="%H:%M:%S",
+    )
     torch.set_num_threads(spec["threads"])
     config = parse_config(spec["config"], source="bench")
     marks["imported"] = time.time()
@@ -137,6 +147,7 @@ def child(spec: dict[str, Any]) -> None:
     _reset_peak()
     heap = HeapSampler(spec["heap_interval"])
     heap_built = heap.in_use() if heap.available else 0
+    heap.trace = bool(spec.get("trace"))
     if heap.available:
         heap.start()
 
@@ -249,6 +260,8 @@ def run_child(spec: dict[str, Any], *, interval: float, timeout: float, env: dic
     lines = [line for line in out.splitlines() if line.startswith(_RESULT)]
     if process.returncode != 0 or not lines:
         raise SystemExit(f"coordinator child failed (exit status {process.returncode}):\n{err[-4000:]}")
+    if spec.get("trace"):
+        print(err, file=sys.stderr)
     result: dict[str, Any] = json.loads(lines[-1][len(_RESULT):])
     marks = result["marks"]
     result["psutil_peak_run"], result["psutil_samples"] = sampler.peak_between(marks["built"], marks["ran"])
@@ -272,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mmap-threshold-mib", type=float, default=0.0,
                         help="pin glibc's mmap threshold in the coordinator (MALLOC_MMAP_THRESHOLD_); 0: glibc's "
                              "dynamic default, as a real coordinator runs -- its heap retention then varies by run")
+    parser.add_argument("--trace", action="store_true",
+                        help="print the coordinator's log with each new heap peak (of 32 MiB more), to see what holds memory")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -310,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                                          concurrent_uploads=args.concurrent_uploads),
                     "threads": args.threads,
                     "heap_interval": args.interval / 2,
+                    "trace": args.trace,
                 }
                 result = run_child(spec, interval=args.interval, timeout=600, env=child_env)
                 results.append(result)

@@ -36,8 +36,16 @@ class Limits(BaseModel):
     )
     upload_buffer_bytes: int = Field(
         512 * MiB, ge=1,
-        description="coordinator: updates being received or waiting hold at most this many bytes together (always "
-        "room for one): with a large model fewer than concurrent_uploads are in flight, and memory stays near 3x it",
+        description="coordinator: updates held in memory while received or waiting hold at most this many bytes "
+        "together (always room for one); spilled updates (spill_bytes) do not count, they wait on disk",
+    )
+    spill_bytes: int = Field(
+        16 * MiB, ge=0,
+        description="coordinator: an uncompressed update at least this large is received into an unnamed temporary "
+        "file as it arrives, then checked and folded a slice at a time, so memory stays near 2x the model",
+    )
+    spill_dir: str | None = Field(
+        None, description="coordinator: where spilled updates are written (None: the system's temporary directory)"
     )
     max_update_norm: float = Field(
         1e9, gt=0, allow_inf_nan=False,

@@ -37,6 +37,7 @@ from .errors import (
 from .frames import DataFrame, decode_frame, encode_data, encode_message
 from .limits import Limits
 from .messages import AUTH_SCHEME, AuthChallenge, AuthProof, Bye, Discard, ErrorMessage, Heartbeat, Hello, Message, Pull
+from .spill import Spill, SpillAssembler, SpilledState
 from .tensors import State, StateAssembler, StateHeader, check_header, header_of, iter_state_pieces
 
 __all__ = ["Session", "Inbound", "RequestHandler", "handshake", "SessionOptions"]
@@ -96,6 +97,11 @@ class Inbound:
     async def fetch(self, *, expected: StateHeader | None = None, timeout: float | None = None) -> State:
         return await self.session.fetch(self, expected=expected, timeout=timeout)
 
+    async def fetch_spilled(
+        self, spill: Spill, *, expected: StateHeader | None = None, timeout: float | None = None
+    ) -> SpilledState:
+        return await self.session.fetch_spilled(self, spill, expected=expected, timeout=timeout)
+
     async def discard(self) -> None:
         await self.session.discard(self)
 
@@ -113,8 +119,8 @@ class _Outbound:
 
 @dataclass
 class _Transfer:
-    assembler: StateAssembler
-    future: asyncio.Future[State]
+    assembler: StateAssembler | SpillAssembler
+    future: asyncio.Future[State | SpilledState]
     next_seq: int = 0
 
 
@@ -505,6 +511,28 @@ class Session:
         self, inbound: Inbound, *, expected: StateHeader | None = None, timeout: float | None = None
     ) -> State:
         """Pull the state announced by ``inbound``; checks limits and ``expected`` before any byte moves."""
+        state = await self._pull(inbound, StateAssembler, expected=expected, timeout=timeout)
+        assert isinstance(state, dict)
+        return state
+
+    async def fetch_spilled(
+        self, inbound: Inbound, spill: Spill, *, expected: StateHeader | None = None, timeout: float | None = None
+    ) -> SpilledState:
+        """As :meth:`fetch`, but the bytes go to a temporary file as they arrive (:mod:`fedlink.protocol.spill`)."""
+        state = await self._pull(
+            inbound, lambda header: SpillAssembler(header, spill), expected=expected, timeout=timeout
+        )
+        assert isinstance(state, SpilledState)
+        return state
+
+    async def _pull(
+        self,
+        inbound: Inbound,
+        assemble: Callable[[StateHeader], StateAssembler | SpillAssembler],
+        *,
+        expected: StateHeader | None,
+        timeout: float | None,
+    ) -> State | SpilledState:
         header = inbound.message.state
         if header is None:
             raise TransferError(f"{inbound.message.type} from {self.peer} carries no model state")
@@ -518,14 +546,19 @@ class Session:
         inbound.fetched = True
         ref = inbound.message.id
         async with self._slots:
-            transfer = _Transfer(StateAssembler(header), self._loop.create_future())
+            assembler = assemble(header)
+            transfer = _Transfer(assembler, self._loop.create_future())
             self._transfers[ref] = transfer
+            succeeded = False
             try:
                 await self._send_frame(encode_message(Pull(id=next(self._ids), ref=ref)))
                 if transfer.assembler.done:
-                    return transfer.assembler.result()
-                async with asyncio.timeout(timeout):
-                    return await transfer.future
+                    received = transfer.assembler.result()
+                else:
+                    async with asyncio.timeout(timeout):
+                        received = await transfer.future
+                succeeded = True
+                return received
             except TimeoutError as exc:
                 raise TransferError(
                     f"state from {self.peer} incomplete after {timeout:g}s "
@@ -533,6 +566,8 @@ class Session:
                 ) from exc
             finally:
                 self._transfers.pop(ref, None)
+                if not succeeded and isinstance(assembler, SpillAssembler):
+                    assembler.close()
 
     async def discard(self, inbound: Inbound) -> None:
         """Tell the peer we will not pull the state ``inbound`` announced, so it can free it."""

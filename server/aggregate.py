@@ -12,13 +12,20 @@ once, so whoever calls them holds all n updates in memory; they are the document
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
+
+from fedlink.protocol.spill import SpilledState, slices_of, tensor_meta, tensor_slices
 
 __all__ = [
     "WeightedSum",
     "AccumulatorOverflow",
+    "BrokenSum",
+    "UpdateScan",
+    "scan_update",
+    "tensor_peaks",
     "update_norm",
     "accumulator_dtype",
     "non_finite",
@@ -46,20 +53,32 @@ class AccumulatorOverflow(ValueError):
     """Adding an update would take the running sum past the largest value of its dtype; nothing was added."""
 
 
+class BrokenSum(RuntimeError):
+    """An update failed halfway through the fold (reading it back from disk): the sum holds part of it."""
+
+
 # Rounding of ``weight`` to the accumulator's precision and of the sum itself stays far inside this margin.
 _SAFETY = 1.0 - 1e-3
 
 
 class WeightedSum:
-    """``sum_i w_i * state_i`` and ``sum_i w_i``, folded in the order updates are added.
+    """``sum_i w_i * state_i`` and ``sum_i w_i``, folded in the order updates are added, a slice at a time.
 
-    Overflow cannot poison the sum. Before an update is added, each tensor's worst case
-    ``max|acc| + weight * max|update|`` is bounded in float64; when every bound is below the accumulator dtype's
-    largest value (with a margin for rounding), the update is added in place exactly as it always was, so normal
-    results stay bit for bit what they were. Only when a bound is exceeded (finite values near 3e38 in float32,
-    which no honest update holds) is the update tried in float64 on copies: if every new sum still fits the
-    accumulator's dtype it is committed, otherwise :class:`AccumulatorOverflow` is raised and the accumulator is
-    left exactly as it was (nothing was written to it), so the caller can refuse that one update and go on.
+    An update is folded slice by slice (:func:`~fedlink.protocol.spill.tensor_slices`): one held in memory is read
+    as views, one spilled to disk (:class:`~fedlink.protocol.spill.SpilledState`) is read back a slice at a time,
+    so folding it costs one slice of memory, and both give the same bits.
+
+    Overflow cannot poison the sum, and a refused update leaves no trace. Before anything is written, each
+    tensor's worst case ``max|acc| + weight * max|update|`` is bounded in float64; when every bound is below the
+    accumulator dtype's largest value (with a margin for rounding), the update is added in place. Only when a
+    bound is exceeded (finite values near 3e38 in float32, which no honest update holds) are the affected tensors
+    first tried in float64, a slice at a time and without writing anything: if a new sum would not fit the
+    accumulator's dtype, :class:`AccumulatorOverflow` is raised with the accumulator exactly as it was, so the
+    caller can refuse that one update and go on; otherwise they are committed from the same float64 sums.
+
+    The one failure that can strike halfway is an I/O error reading a spilled update back (a disk gone bad): the
+    sum can then no longer be trusted, so every later call raises :class:`BrokenSum` and the round fails rather
+    than release a model that holds part of an update.
     """
 
     def __init__(self) -> None:
@@ -68,57 +87,87 @@ class WeightedSum:
         self._sums: dict[str, torch.Tensor] = {}
         self._dtypes: dict[str, torch.dtype] = {}
         self._peaks: dict[str, float] = {}  # max |acc| per floating tensor, a float64 upper bound
+        self._broken: str | None = None
 
     def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        if self._broken is not None:
+            raise BrokenSum(self._broken)
         if not (weight > 0 and math.isfinite(weight)):
             raise ValueError(f"weight must be positive and finite, got {weight}")
         if self.count and state.keys() != self._sums.keys():
             raise ValueError("every update must have the same tensors")
-        peaks = {name: _abs_max(tensor) for name, tensor in state.items()}
-        risky = [
-            name for name, tensor in state.items()
-            if _floating(accumulator_dtype(tensor.dtype))
-            and not self._peaks.get(name, 0.0) + weight * peaks[name] < _SAFETY * _largest(accumulator_dtype(tensor.dtype))
-        ]
-        staged = self._staged(state, weight, risky) if risky else {}
-        for name, tensor in state.items():
-            acc = self._sums.get(name)
-            if name in staged:
-                if acc is None:
-                    self._dtypes[name] = tensor.dtype
-                self._sums[name] = staged[name]
-                self._peaks[name] = _abs_max(staged[name])
-            elif acc is None:
-                self._dtypes[name] = tensor.dtype
-                self._sums[name] = tensor.to(accumulator_dtype(tensor.dtype)) * weight
-                self._peaks[name] = weight * peaks[name]
-            else:
-                acc.add_(tensor.to(acc.dtype), alpha=weight)
-                self._peaks[name] = self._peaks.get(name, 0.0) + weight * peaks[name]
+        dtypes = {name: _dtype_of(state, name) for name in state}
+        peaks = tensor_peaks(state)
+        risky = {
+            name for name, dtype in dtypes.items()
+            if _floating(accumulator_dtype(dtype))
+            and not self._peaks.get(name, 0.0) + weight * peaks[name] < _SAFETY * _largest(accumulator_dtype(dtype))
+        }
+        for name in risky:  # raises before anything is written
+            self._exact_peak(state, name, weight)
+        try:
+            for name, dtype in dtypes.items():
+                if name not in self._sums:
+                    self._dtypes[name] = dtype
+                    self._sums[name] = torch.empty(_shape_of(state, name), dtype=accumulator_dtype(dtype))
+                    self._peaks[name] = 0.0
+                    first = True
+                else:
+                    first = False
+                if name in risky:
+                    self._peaks[name] = self._commit_exact(state, name, weight, first)
+                else:
+                    self._fold(state, name, weight, first)
+                    self._peaks[name] = self._peaks[name] + weight * peaks[name]
+        except Exception as exc:
+            self._broken = f"an update failed halfway through the fold ({exc}); the round's sum is lost"
+            raise BrokenSum(self._broken) from exc
         self.total_weight += weight
         self.count += 1
 
-    def _staged(self, state: Mapping[str, torch.Tensor], weight: float, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """New sums for ``names`` computed in float64 on copies; raises before anything is committed."""
-        staged: dict[str, torch.Tensor] = {}
-        for name in names:
-            tensor = state[name]
-            dtype = accumulator_dtype(tensor.dtype)
-            acc = self._sums.get(name)
-            exact = tensor.to(torch.float64) * weight
-            if acc is not None:
-                exact += acc.to(torch.float64)
-            peak = _abs_max(exact)
-            if not peak < _largest(dtype):
-                raise AccumulatorOverflow(
-                    f"tensor {name!r}: the weighted sum would reach {peak:.3g}, beyond the largest {dtype} "
-                    f"({_largest(dtype):.3g})"
-                )
-            staged[name] = exact.to(dtype)
-        return staged
+    def _fold(self, state: Mapping[str, torch.Tensor], name: str, weight: float, first: bool) -> None:
+        flat = self._sums[name].view(-1)
+        for start, part in tensor_slices(state, name):
+            target = flat[start : start + part.numel()].view(part.shape)
+            if first:
+                torch.mul(part.to(target.dtype), weight, out=target)
+            else:
+                target.add_(part.to(target.dtype), alpha=weight)
+
+    def _exact(self, state: Mapping[str, torch.Tensor], name: str, weight: float, first: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(accumulator slice, its new value in float64)`` for each slice of tensor ``name``."""
+        flat = self._sums[name].view(-1) if name in self._sums else None
+        for start, part in tensor_slices(state, name):
+            exact = part.to(torch.float64) * weight
+            target = None
+            if flat is not None:
+                target = flat[start : start + part.numel()].view(part.shape)
+                if not first:
+                    exact += target.to(torch.float64)
+            yield target if target is not None else exact, exact
+
+    def _exact_peak(self, state: Mapping[str, torch.Tensor], name: str, weight: float) -> None:
+        dtype = accumulator_dtype(_dtype_of(state, name))
+        peak = 0.0
+        for _, exact in self._exact(state, name, weight, name not in self._sums):
+            peak = max(peak, _abs_max(exact))
+        if not peak < _largest(dtype):
+            raise AccumulatorOverflow(
+                f"tensor {name!r}: the weighted sum would reach {peak:.3g}, beyond the largest {dtype} "
+                f"({_largest(dtype):.3g})"
+            )
+
+    def _commit_exact(self, state: Mapping[str, torch.Tensor], name: str, weight: float, first: bool) -> float:
+        peak = 0.0
+        for target, exact in self._exact(state, name, weight, first):
+            target.copy_(exact)
+            peak = max(peak, _abs_max(target))
+        return peak
 
     def mean(self) -> dict[str, torch.Tensor]:
         """The weighted mean in each tensor's original dtype; consumes the accumulator (no extra copy)."""
+        if self._broken is not None:
+            raise BrokenSum(self._broken)
         if self.count == 0:
             raise ValueError("no updates to average")
         out: dict[str, torch.Tensor] = {}
@@ -150,7 +199,15 @@ def add_scaled(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tens
 
 def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or infinity."""
-    return [name for name, t in state.items() if (t.is_floating_point() or t.is_complex()) and not _all_finite(t)]
+    return [name for name in state if _floating(_dtype_of(state, name)) and not _all_finite(state, name)]
+
+
+def _dtype_of(state: Mapping[str, torch.Tensor], name: str) -> torch.dtype:
+    return tensor_meta(state, name)[0]
+
+
+def _shape_of(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    return tensor_meta(state, name)[1]
 
 
 def _floating(dtype: torch.dtype) -> bool:
@@ -168,12 +225,67 @@ def _abs_max(tensor: torch.Tensor, chunk: int = 1 << 18) -> float:
     if tensor.dtype == torch.bool:
         return 1.0
     peak = 0.0
-    for part in torch.split(tensor.reshape(-1), chunk):
+    for _, part in _pieces(tensor, chunk):
         value = float(part.abs().max())
         if math.isnan(value):
             return math.inf
         peak = max(peak, value)
     return peak
+
+
+def _pieces(tensor: torch.Tensor, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    return slices_of(tensor, chunk)
+
+
+def _square_sum(part: torch.Tensor, chunk: int = 1 << 18) -> float:
+    total = 0.0
+    for _, piece in _pieces(part, chunk):
+        values = piece.abs() if piece.is_complex() else piece
+        total += float(values.to(torch.float64).square().sum())
+    return total
+
+
+@dataclass(frozen=True)
+class UpdateScan:
+    """What one pass over an update learns: its L2 norm (float64, floating tensors only; inf for NaN or infinity),
+    the names of tensors holding NaN or infinity, and the largest ``|x|`` of each tensor (for the fold's overflow
+    bound)."""
+
+    norm: float
+    non_finite: tuple[str, ...]
+    peaks: dict[str, float]
+
+
+def scan_update(state: Mapping[str, torch.Tensor]) -> UpdateScan:
+    """One read of ``state``, a slice at a time (a spilled update is read back once, not three times); a
+    :class:`~fedlink.protocol.spill.SpilledState` keeps the peaks for the fold."""
+    total = 0.0
+    bad: list[str] = []
+    peaks: dict[str, float] = {}
+    for name in state:
+        floating = _floating(_dtype_of(state, name))
+        peak = 0.0
+        finite = True
+        for _, part in tensor_slices(state, name):
+            peak = max(peak, _abs_max(part))
+            if floating:
+                squares = _square_sum(part)
+                finite = finite and math.isfinite(squares) and math.isfinite(peak)
+                total += squares
+        peaks[name] = peak
+        if not finite:
+            bad.append(name)
+    if isinstance(state, SpilledState):
+        state.peaks = peaks
+    norm = math.sqrt(total) if math.isfinite(total) and not bad else math.inf
+    return UpdateScan(norm=norm, non_finite=tuple(bad), peaks=peaks)
+
+
+def tensor_peaks(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The largest ``|x|`` of each tensor: kept from :func:`scan_update` for a spilled state, computed otherwise."""
+    if isinstance(state, SpilledState) and state.peaks is not None:
+        return state.peaks
+    return {name: max((_abs_max(part) for _, part in tensor_slices(state, name)), default=0.0) for name in state}
 
 
 def update_norm(state: Mapping[str, torch.Tensor], chunk: int = 1 << 18) -> float:
@@ -182,19 +294,21 @@ def update_norm(state: Mapping[str, torch.Tensor], chunk: int = 1 << 18) -> floa
     Integer and bool buffers (step counters, masks) are left out: they are values, not a direction of change.
     """
     total = 0.0
-    for tensor in state.values():
-        if not _floating(tensor.dtype):
+    for name in state:
+        if not _floating(_dtype_of(state, name)):
             continue
-        for part in torch.split(tensor.reshape(-1), chunk):
-            values = part.abs() if part.is_complex() else part
-            total += float(values.to(torch.float64).square().sum())
+        for _, part in tensor_slices(state, name):
+            total += _square_sum(part, chunk)
     return math.sqrt(total) if math.isfinite(total) else math.inf
 
 
-def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 18) -> bool:
+def _all_finite(state: Mapping[str, torch.Tensor], name: str, chunk: int = 1 << 18) -> bool:
     # In slices: isfinite over a whole large tensor would allocate temporaries the size of the model.
-    flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(part).all()) for part in torch.split(flat, chunk))
+    return all(
+        bool(torch.isfinite(piece).all())
+        for _, part in tensor_slices(state, name)
+        for _, piece in _pieces(part, chunk)
+    )
 
 
 def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:

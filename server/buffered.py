@@ -127,11 +127,11 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
                 outcome.download_bytes, outcome.upload_bytes = sent_header.nbytes, transfer.wire_header.nbytes
             if transfer.compression.name != "none":
                 state = await asyncio.to_thread(transfer.decode, state)
-            state = transfer.complete(state, base_state, result.update)
-            bad = non_finite(state)
+            update = transfer.complete(state, base_state, result.update)
+            bad = non_finite(update)
             if bad:
                 raise InvalidUpdate(f"NaN or infinite values in {', '.join(bad[:5])}")
-            norm = await asyncio.to_thread(update_norm, state)
+            norm = await asyncio.to_thread(update_norm, update)
             if not norm <= config.limits.max_update_norm:
                 raise InvalidUpdate(
                     f"update norm {norm:.4g} exceeds limits.max_update_norm ({config.limits.max_update_norm:.4g})"
@@ -155,7 +155,7 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
             buffer.outcomes.append(outcome)
             return True
         buffer.aggregation.add(
-            ClientUpdate(worker=worker.name, kind=result.update, num_samples=result.num_samples, state=state,
+            ClientUpdate(worker=worker.name, kind=result.update, num_samples=result.num_samples, state=update,
                          metrics=result.metrics, staleness=staleness)
         )
         outcome.status, outcome.num_samples, outcome.metrics = "ok", result.num_samples, dict(result.metrics)

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import random
 import time
 from typing import Any
@@ -16,6 +17,7 @@ from fedlink.factory import ModelAllowList, build_model
 from fedlink.privacy import BudgetExceeded
 from fedlink.protocol.messages import Hello, HookSpec, TrainingPlan
 from fedlink.protocol.session import SessionOptions
+from fedlink.protocol.spill import Spill
 from fedlink.protocol.tensors import State, StateHeader, header_of
 from fedlink.shards import load_shard
 from fedlink.training import Metrics, evaluate
@@ -111,6 +113,9 @@ class Coordinator:
             observer=self.progress,
         )
         self.output = RunOutput(config.output)
+        spill_dir = config.limits.spill_dir
+        if spill_dir is not None and not (os.path.isdir(spill_dir) and os.access(spill_dir, os.W_OK | os.X_OK)):
+            raise ConfigError(f"limits.spill_dir {spill_dir!r} is not a directory this process can write to")
         self.state, self._param_header = initial_state(config)
         self.strategy: Strategy = build_strategy(config.strategy.name, config.strategy.params())
         if config.sampling.min_workers < self.strategy.min_updates:
@@ -239,6 +244,7 @@ class Coordinator:
                 previous, self.state = self.state, report.state
                 if self.transfer.send_only_changed:  # which tensors the next round must send to workers that kept these
                     await asyncio.to_thread(self.transfer.versions.advance, previous, self.state)
+                del previous  # else the last round's model stays alive through the next round: a model's worth
                 # Round r is evaluated, recorded and checkpointed while round r+1 trains: the held-out evaluation
                 # stays off the federation's critical path. Strategies replace their state tensors rather than
                 # change them, so this snapshot stays round r's.
@@ -316,13 +322,16 @@ class Coordinator:
                     timeout=config.timeouts.round,
                     min_workers=config.sampling.min_workers,
                     run_id=self.run_id,
-                    concurrent_uploads=upload_slots(config.limits, update_header),
+                    concurrent_uploads=upload_slots(
+                        config.limits, update_header, spills=self.transfer.compression.name == "none"
+                    ),
                     observer=self.progress,
                     max_samples=self._sample_caps(selected),
                     max_update_norm=config.limits.max_update_norm,
                     max_weight_share=config.sampling.max_weight_share,
                     workflow=self.secure.run if self.secure is not None else None,
                     transfer=self.transfer,
+                    spill=Spill(config.limits.spill_dir, config.limits.spill_bytes),
                 )
                 await self._check_new_state(report)
                 return report
@@ -428,6 +437,7 @@ class Coordinator:
             "slowest_train_seconds": max((o.train_seconds for o in contributed), default=0.0),
             "download_bytes": sum(o.download_bytes for o in report.trained),
             "upload_bytes": sum(o.upload_bytes for o in contributed),
+            "spilled_bytes": sum(o.spilled_bytes for o in contributed),
             "dropped": {o.worker: o.reason for o in report.trained if o.status != "ok"},
         }
         # What the strategy (and federated evaluation) reported; never overwrites the fields above.

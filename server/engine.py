@@ -28,6 +28,7 @@ import torch
 from fedlink.protocol.errors import ProtocolError, RemoteError, SessionClosed
 from fedlink.protocol.messages import Message, ModelSpec, RoundEnd, TrainingPlan
 from fedlink.protocol.session import Inbound
+from fedlink.protocol.spill import Spill
 from fedlink.protocol.tensors import State, StateHeader, header_of
 
 from .errors import InvalidUpdate, NotEnoughWorkers
@@ -71,6 +72,7 @@ class WorkerOutcome:
     seconds: float = 0.0
     download_bytes: int = 0  # tensor payload sent to the worker in this stage
     upload_bytes: int = 0  # tensor payload received from it, as it travelled (compressed)
+    spilled_bytes: int = 0  # of those, received to disk rather than memory (limits.spill_bytes)
 
     def record(self, server_round: int) -> dict[str, Any]:
         return {
@@ -83,6 +85,7 @@ class WorkerOutcome:
             "seconds": round(self.seconds, 6),
             **({"download_bytes": self.download_bytes} if self.download_bytes else {}),
             **({"upload_bytes": self.upload_bytes} if self.upload_bytes else {}),
+            **({"spilled_bytes": self.spilled_bytes} if self.spilled_bytes else {}),
             "metrics": dict(self.metrics),
         }
 
@@ -239,6 +242,7 @@ class RoundDriver:
         max_update_norm: float = math.inf,
         max_weight_share: float = 1.0,
         transfer: TransferFormat | None = None,
+        spill: Spill | None = None,
     ) -> None:
         self.server_round = server_round
         self.selected = list(workers)
@@ -258,6 +262,7 @@ class RoundDriver:
         self.max_update_norm = max_update_norm
         self.max_weight_share = max_weight_share
         self.transfer = transfer
+        self.spill = spill
         self.observer = observer
         self.outcomes: list[WorkerOutcome] = []
         self.stages: list[StageOutcome[Any]] = []
@@ -315,6 +320,7 @@ class RoundDriver:
             max_update_norm=self.max_update_norm,
             max_weight_share=self.max_weight_share,
             transfer=self.transfer,
+            spill=self.spill,
         )
 
     async def end(self) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedlink.protocol.messages import ModelSpec, TrainingPlan
+from fedlink.protocol.spill import Spill
 from fedlink.protocol.tensors import State, StateHeader
 
 from .engine import RoundDriver, RoundObserver, WorkerOutcome
@@ -77,10 +78,12 @@ async def run_round(
     max_weight_share: float = 1.0,
     workflow: Callable[[RoundDriver], Awaitable[Aggregate]] | None = None,
     transfer: TransferFormat | None = None,
+    spill: Spill | None = None,
 ) -> RoundReport:
     """Run one round of ``strategy`` over ``workers``; raises NotEnoughWorkers below a stage's floor.
 
     ``transfer`` is the run's compression and download dtype, negotiated per worker (plain float32 when None).
+    ``spill`` says where and from what size an update is received to disk rather than memory (never when None).
     ``workflow`` replaces the strategy's own round (secure aggregation runs its four stages around the strategy).
     ``timeout`` is each worker's own budget for a stage, in seconds (``deadline``, an event-loop time, is accepted
     for callers that think in absolute time and is turned into the same budget).
@@ -110,6 +113,7 @@ async def run_round(
         max_update_norm=max_update_norm,
         max_weight_share=max_weight_share,
         transfer=transfer,
+        spill=spill,
     )
     try:
         aggregate = await (workflow(driver) if workflow is not None else strategy.run_round(driver))

@@ -21,13 +21,16 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 
+import torch
+
 from fedlink.protocol.messages import ModelSpec, TrainingPlan, TrainRequest, TrainResult
 from fedlink.protocol.session import Inbound
+from fedlink.protocol.spill import Spill
 from fedlink.protocol.tensors import State, StateHeader
 
-from .aggregate import AccumulatorOverflow, non_finite, update_norm
+from .aggregate import AccumulatorOverflow, BrokenSum, scan_update
 from .engine import RoundObserver, Stage, StageCall, WorkerOutcome
-from .errors import InvalidUpdate
+from .errors import InvalidUpdate, RoundRefused
 from .fold import OrderedFold
 from .remote import RemoteWorker
 from .transfer import DownloadCache, TransferFormat, WorkerTransfer
@@ -123,6 +126,7 @@ class TrainStage(Stage[None]):
         max_update_norm: float = math.inf,
         max_weight_share: float = 1.0,
         transfer: TransferFormat | None = None,
+        spill: Spill | None = None,
     ) -> None:
         super().__init__(name, timeout=timeout, min_survivors=min_survivors)
         self.aggregation = aggregation
@@ -139,6 +143,7 @@ class TrainStage(Stage[None]):
         self.max_update_norm = max_update_norm
         self.max_weight_share = max_weight_share
         self.transfer = transfer or TransferFormat()
+        self.spill = spill
         self._download = DownloadCache(global_state, header)
         self._transfers: dict[str, WorkerTransfer] = {}
         self._sent_bytes: dict[str, int] = {}
@@ -190,20 +195,29 @@ class TrainStage(Stage[None]):
             self.observer.worker_status(self._requests[worker.name].round, worker.name, "uploading", "")
         transfer = self._transfers[worker.name]
         async with asyncio.timeout_at(deadline + waited):
-            state = await inbound.fetch(expected=transfer.wire_header)
+            # Compressed updates are small and decoded whole; a large dense one goes to disk as it arrives.
+            if self.spill is not None and transfer.compression.name == "none" and self.spill.wanted(
+                transfer.wire_header.nbytes
+            ):
+                received: Mapping[str, torch.Tensor] = await inbound.fetch_spilled(
+                    self.spill, expected=transfer.wire_header
+                )
+                outcome.spilled_bytes = transfer.wire_header.nbytes
+            else:
+                received = await inbound.fetch(expected=transfer.wire_header)
         outcome.upload_bytes = transfer.wire_header.nbytes
         if transfer.compression.name != "none":
-            state = await asyncio.to_thread(transfer.decode, state)
-        state = transfer.complete(state, self.global_state, result.update)
-        # One float64 pass: a finite norm means finite values; only a bad update pays for naming its tensors.
-        norm = await asyncio.to_thread(update_norm, state)
-        if not math.isfinite(norm):
-            bad = non_finite(state)
-            if bad:
-                raise InvalidUpdate(f"NaN or infinite values in {', '.join(bad[:5])}")
-        if not norm <= self.max_update_norm:
+            assert isinstance(received, dict)
+            received = await asyncio.to_thread(transfer.decode, received)
+        state = transfer.complete(received, self.global_state, result.update)
+        del received
+        # One pass, a slice at a time: the norm, NaN or infinity by tensor, and each tensor's peak for the fold.
+        scan = await asyncio.to_thread(scan_update, state)
+        if scan.non_finite:
+            raise InvalidUpdate(f"NaN or infinite values in {', '.join(scan.non_finite[:5])}")
+        if not scan.norm <= self.max_update_norm:
             raise InvalidUpdate(
-                f"update norm {norm:.4g} exceeds limits.max_update_norm ({self.max_update_norm:.4g})"
+                f"update norm {scan.norm:.4g} exceeds limits.max_update_norm ({self.max_update_norm:.4g})"
             )
         weight = min(result.num_samples, self._weights.get(worker.name, result.num_samples))
         await self._fold.turn(worker.name)
@@ -215,6 +229,8 @@ class TrainStage(Stage[None]):
             )
         except AccumulatorOverflow as exc:
             raise InvalidUpdate(f"update refused, it would overflow the round's sum: {exc}") from None
+        except BrokenSum as exc:
+            raise RoundRefused(f"round refused: {worker.name}'s update could not be folded: {exc}") from None
         del state
         self._fold.release(worker.name)
         outcome.num_samples = weight

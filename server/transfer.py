@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,6 +40,7 @@ from fedlink.protocol import capabilities
 from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import HookSpec, StateCache, TrainingPlan, UpdateKind
 from fedlink.protocol.session import Session
+from fedlink.protocol.spill import SpilledState
 from fedlink.protocol.tensors import DTYPES, State, StateHeader
 
 from .errors import InvalidUpdate
@@ -49,10 +51,15 @@ __all__ = ["TransferFormat", "WorkerTransfer", "upload_slots"]
 log = logging.getLogger("fedlink.server")
 
 
-def upload_slots(limits: Limits, update_header: StateHeader) -> int:
+def upload_slots(limits: Limits, update_header: StateHeader, *, spills: bool = False) -> int:
     """How many updates may be received or wait for their turn at once: ``limits.concurrent_uploads``, fewer when
-    that many would hold more than ``limits.upload_buffer_bytes`` (a 400 MB model gets one: the coordinator then
-    holds the global model, the running sum and one update, about 3x the model, instead of 5x with 3 in flight)."""
+    that many updates held in memory would take more than ``limits.upload_buffer_bytes``.
+
+    With ``spills`` (the train stage of an uncompressed run) an update of at least ``limits.spill_bytes`` waits
+    on disk, not in memory (see :mod:`fedlink.protocol.spill`), so it takes no room in the buffer.
+    """
+    if spills and update_header.nbytes >= limits.spill_bytes:
+        return limits.concurrent_uploads
     return max(1, min(limits.concurrent_uploads, limits.upload_buffer_bytes // max(1, update_header.nbytes)))
 
 
@@ -75,20 +82,25 @@ class WorkerTransfer:
         except CompressionError as exc:
             raise InvalidUpdate(f"undecodable {self.compression.name} update: {exc}") from None
 
-    def complete(self, sent: State, global_state: State, kind: UpdateKind) -> State:
+    def complete(
+        self, sent: Mapping[str, torch.Tensor], global_state: State, kind: UpdateKind
+    ) -> Mapping[str, torch.Tensor]:
         """The whole update, in ``update_header`` order: what was sent, and for each frozen parameter left out the
-        value it is known to have (see the module's docstring)."""
+        value it is known to have (see the module's docstring). A spilled update stays on disk."""
         if len(self.sent_header.tensors) == len(self.update_header.tensors):
             return sent
-        whole: State = {}
+        known: State = {}
         for spec in self.update_header.tensors:
             if spec.name in sent:
-                whole[spec.name] = sent[spec.name]
-            elif kind == "weights":
-                whole[spec.name] = global_state[spec.name]
+                continue
+            if kind == "weights":
+                known[spec.name] = global_state[spec.name]
             else:
-                whole[spec.name] = torch.zeros((), dtype=DTYPES[spec.dtype]).expand(spec.shape)
-        return whole
+                known[spec.name] = torch.zeros((), dtype=DTYPES[spec.dtype]).expand(spec.shape)
+        order = tuple(spec.name for spec in self.update_header.tensors)
+        if isinstance(sent, SpilledState):
+            return sent.with_held(order, known)
+        return {name: known[name] if name in known else sent[name] for name in order}
 
 
 class StateVersions:

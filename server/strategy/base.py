@@ -16,6 +16,7 @@ How the three update kinds (weights, delta, gradients) become the next global st
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -75,7 +76,8 @@ class ClientUpdate:
     worker: str
     kind: UpdateKind
     num_samples: int
-    state: State
+    #: A dict, or for a large update a :class:`~fedlink.protocol.spill.SpilledState` read from disk on access.
+    state: Mapping[str, torch.Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
     staleness: int = 0  # asynchronous training: server updates since the model this update started from
 

@@ -9,6 +9,10 @@ update is used as it is, buffers included. Holds every update in memory (see :mo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
 from fedlink.protocol.tensors import State
 
 from ..aggregate import krum_scores, lowest, weighted_mean
@@ -37,8 +41,8 @@ class Krum(RobustStrategy):
     def requirement(self) -> str:
         return f"n > 2f + 2 with num_byzantine f = {self.num_byzantine}"
 
-    def combine(self, states: list[State], num_samples: list[int]) -> State:
+    def combine(self, states: list[Mapping[str, torch.Tensor]], num_samples: list[int]) -> State:
         chosen = lowest(krum_scores(states, self.num_byzantine), self.num_selected)
         if len(chosen) == 1:
-            return states[chosen[0]]
+            return dict(states[chosen[0]])
         return weighted_mean([states[i] for i in chosen], [float(num_samples[i]) for i in chosen])

@@ -8,6 +8,10 @@ unweighted; integer buffers take the lower median, bool buffers the majority. Ho
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
 from fedlink.protocol.tensors import State
 
 from ..aggregate import coordinate_median
@@ -19,5 +23,5 @@ __all__ = ["Median"]
 class Median(RobustStrategy):
     name = "median"
 
-    def combine(self, states: list[State], num_samples: list[int]) -> State:
+    def combine(self, states: list[Mapping[str, torch.Tensor]], num_samples: list[int]) -> State:
         return {name: coordinate_median([s[name] for s in states]) for name in states[0]}

@@ -14,8 +14,10 @@ so median and trimmed mean ignore sample counts; Multi-Krum weights its selected
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
 
 from fedlink.protocol.messages import UpdateKind
 from fedlink.protocol.tensors import State
@@ -73,7 +75,7 @@ class RobustStrategy(Strategy):
         return BufferedAggregation(global_state, finish)
 
     @abstractmethod
-    def combine(self, states: list[State], num_samples: list[int]) -> State:
+    def combine(self, states: list[Mapping[str, torch.Tensor]], num_samples: list[int]) -> State:
         """One state from all of the round's states (same names, shapes, dtypes), in their representation."""
 
     def state_dict(self) -> dict[str, Any]:

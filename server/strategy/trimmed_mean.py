@@ -9,6 +9,10 @@ in memory (see :mod:`.robust`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
 from fedlink.protocol.tensors import State
 
 from ..aggregate import min_trimmed_count, trim_count, trimmed_mean
@@ -33,6 +37,6 @@ class TrimmedMean(RobustStrategy):
     def requirement(self) -> str:
         return f"floor(beta * n) >= 1 with beta = {self.beta}"
 
-    def combine(self, states: list[State], num_samples: list[int]) -> State:
+    def combine(self, states: list[Mapping[str, torch.Tensor]], num_samples: list[int]) -> State:
         trim_count(len(states), self.beta)  # checks once, before any tensor is stacked
         return {name: trimmed_mean([s[name] for s in states], self.beta) for name in states[0]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import secrets
 import subprocess
@@ -90,6 +91,11 @@ def test_an_update_of_huge_finite_values_is_refused_and_the_job_resumes(digit_sh
         history, poisoned = _run(_config(urls, tmp_path / "norm"))
         # Without the norm limit, the fold itself refuses the update that would overflow (attacker folded first).
         _, unbounded = _run(_config([attacker.url, *urls[:2]], tmp_path / "fold", limits={"max_update_norm": 1e308}))
+        # The same with every update received to disk and folded a slice at a time (a large model's path).
+        spill = tmp_path / "spill"
+        spill.mkdir()
+        on_disk = {"max_update_norm": 1e308, "spill_bytes": 0, "spill_dir": str(spill)}
+        _, unbounded_on_disk = _run(_config([attacker.url, *urls[:2]], tmp_path / "fold-disk", limits=on_disk))
         resumed, _ = _run(_config(urls, tmp_path / "norm", rounds=3), resume=True)
     finally:
         stop_workers([*honest, attacker])
@@ -98,8 +104,12 @@ def test_an_update_of_huge_finite_values_is_refused_and_the_job_resumes(digit_sh
         assert "exceeds limits.max_update_norm" in record["dropped"]["worker-2"], record
     assert poisoned == clean, "the refused update left no trace: same model as without the attacker"
     assert unbounded == clean
-    fold_refusal = _lines(tmp_path / "fold" / "metrics.jsonl")[0]["dropped"]["worker-2"]
-    assert "overflow" in fold_refusal, fold_refusal
+    assert unbounded_on_disk == clean, "a spilled update refused by the fold left no trace either"
+    for run in ("fold", "fold-disk"):
+        fold_refusal = _lines(tmp_path / run / "metrics.jsonl")[0]["dropped"]["worker-2"]
+        assert "overflow" in fold_refusal, fold_refusal
+    assert all(r["spilled_bytes"] == r["upload_bytes"] > 0 for r in _lines(tmp_path / "fold-disk" / "metrics.jsonl"))
+    assert os.listdir(spill) == []
     assert [r["round"] for r in resumed] == [1, 2, 3]
     assert resumed[-1]["workers"] == 2
 

@@ -1,0 +1,229 @@
+"""A received state kept on disk instead of in memory, read back a slice at a time.
+
+A coordinator that held every large update in memory until its turn in the fold would need the global model,
+the running sum *and* the update at once: 3x the model, more with several uploads in flight. An update at least
+``limits.spill_bytes`` large is instead written, frame by frame as it arrives, to an unnamed temporary file
+(``O_TMPFILE`` where the OS has it: the file has no name another process could open, is readable by its owner
+alone, and vanishes with its descriptor, even if the process is killed). It is then checked and folded a slice at
+a time (:func:`tensor_slices`), so memory holds the global model, the running sum and one slice.
+
+The file is written and read with ``write``/``pread`` (never ``mmap``): its pages stay in the kernel's page cache,
+which the kernel reclaims under pressure, and do not count against the process's resident memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import IO
+
+import torch
+
+from .errors import TransferError
+from .tensors import DTYPES, StateHeader, TensorSpec
+
+__all__ = ["Spill", "SpillAssembler", "SpilledState", "SLICE_ELEMENTS", "tensor_slices", "tensor_meta", "slices_of"]
+
+#: Elements per slice when a tensor is read, checked or folded in pieces (4 MiB of float32). A power of two, so
+#: slicing never moves a vectorised kernel's tail and both ways of holding an update fold to the same bits.
+SLICE_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Spill:
+    """Where a spilling fetch writes the state it receives (``directory``; None: the system's temporary
+    directory), and from what size a caller should spill rather than hold a state in memory (``min_bytes``)."""
+
+    directory: str | None = None
+    min_bytes: int = 0
+
+    def wanted(self, nbytes: int) -> bool:
+        return nbytes >= self.min_bytes
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+def _read_into(fd: int, target: memoryview, offset: int) -> None:
+    while len(target):
+        got = os.preadv(fd, [target], offset)
+        if got <= 0:
+            raise TransferError(f"spilled state truncated at byte {offset}")
+        target = target[got:]
+        offset += got
+
+
+class SpillAssembler:
+    """Writes a state's chunks to a temporary file as they arrive; same interface as
+    :class:`~fedlink.protocol.tensors.StateAssembler`, whose ``result`` is a :class:`SpilledState`."""
+
+    def __init__(self, header: StateHeader, spill: Spill) -> None:
+        self.header = header
+        self.received = 0
+        try:
+            self._file: IO[bytes] | None = tempfile.TemporaryFile(dir=spill.directory)
+        except OSError as exc:
+            raise TransferError(f"cannot open a spill file in {spill.directory or tempfile.gettempdir()}: {exc}") from None
+
+    @property
+    def done(self) -> bool:
+        return self.received >= self.header.nbytes
+
+    def feed(self, data: bytes | memoryview) -> None:
+        if self._file is None:
+            raise TransferError("spill file already closed")
+        view = memoryview(data).cast("B")
+        if len(view) == 0:
+            raise TransferError("empty data chunk")
+        if self.received + len(view) > self.header.nbytes:
+            raise TransferError(f"more bytes than the header announced ({self.header.nbytes})")
+        try:
+            _write_all(self._file.fileno(), view)
+        except OSError as exc:
+            self.close()
+            raise TransferError(f"cannot write the spill file: {exc}") from None
+        self.received += len(view)
+
+    def result(self) -> "SpilledState":
+        if not self.done or self._file is None:
+            raise TransferError(f"state incomplete: {self.received} of {self.header.nbytes} bytes received")
+        state = SpilledState(self._file, self.header)
+        self._file = None  # the state owns it now
+        return state
+
+    def close(self) -> None:
+        """Drop what was received (a failed or abandoned transfer): the file's space goes back at once."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass(frozen=True)
+class _Span:
+    spec: TensorSpec
+    offset: int
+
+
+class SpilledState(Mapping[str, torch.Tensor]):
+    """A state whose tensors live in a spill file, in header order, plus optional tensors held in memory.
+
+    ``state[name]`` reads a whole tensor (for the few consumers that need one, such as a robust strategy's
+    per-tensor median); :func:`tensor_slices` reads one slice at a time. ``peaks`` is filled by whoever scans the
+    state once (the largest ``|x|`` per tensor), so the fold need not read it a second time to learn them.
+    """
+
+    def __init__(
+        self,
+        file: IO[bytes],
+        header: StateHeader,
+        *,
+        order: tuple[str, ...] | None = None,
+        held: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        self._file = file
+        self._spans: dict[str, _Span] = {}
+        offset = 0
+        for spec in header.tensors:
+            self._spans[spec.name] = _Span(spec, offset)
+            offset += spec.nbytes
+        self._held = dict(held or {})
+        self._order = order if order is not None else tuple(self._spans)
+        self.peaks: dict[str, float] | None = None
+
+    def with_held(self, order: tuple[str, ...], held: Mapping[str, torch.Tensor]) -> "SpilledState":
+        """The same file with tensors added from memory (frozen parameters the worker did not send), in ``order``."""
+        out = SpilledState.__new__(SpilledState)
+        out._file, out._spans, out.peaks = self._file, self._spans, None
+        out._held = {**self._held, **held}
+        out._order = order
+        missing = [name for name in order if name not in out._spans and name not in out._held]
+        if missing:
+            raise KeyError(f"no tensor {missing[0]!r} in the spilled state")
+        return out
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        held = self._held.get(name)
+        if held is not None:
+            return held
+        span = self._spans[name]
+        return self._read(span, 0, span.spec.numel).reshape(span.spec.shape)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._held or name in self._spans and name in self._order
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """Tensor ``name``'s dtype and shape, without reading it."""
+        held = self._held.get(name)
+        if held is not None:
+            return held.dtype, tuple(held.shape)
+        spec = self._spans[name].spec
+        return DTYPES[spec.dtype], spec.shape
+
+    def slices(self, name: str, elements: int = SLICE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first element, flat slice)`` pieces of tensor ``name``, each read fresh from the file."""
+        held = self._held.get(name)
+        if held is not None:
+            yield from slices_of(held, elements)
+            return
+        span = self._spans[name]
+        for start in range(0, span.spec.numel, elements):
+            yield start, self._read(span, start, min(elements, span.spec.numel - start))
+
+    def _read(self, span: _Span, start: int, count: int) -> torch.Tensor:
+        dtype = DTYPES[span.spec.dtype]
+        out = torch.empty(count, dtype=dtype)
+        if count:
+            raw = out.view(torch.uint8).numpy().data.cast("B")
+            try:
+                _read_into(self._file.fileno(), raw, span.offset + start * dtype.itemsize)
+            except (OSError, ValueError) as exc:
+                raise TransferError(f"cannot read tensor {span.spec.name!r} back from the spill file: {exc}") from None
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def slices_of(tensor: torch.Tensor, elements: int = SLICE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first element, piece)`` views of an in-memory tensor, in its row-major element order.
+
+    A contiguous tensor gives flat slices of ``elements``; any other (a stride-0 expansion of zeros) gives blocks
+    of whole rows of about that size, as views, so nothing the size of the tensor is ever made.
+    """
+    if tensor.is_contiguous() or tensor.dim() == 0:
+        flat = tensor.reshape(-1)
+        for start in range(0, flat.numel(), elements):
+            yield start, flat[start : start + elements]
+        return
+    row = max(1, tensor[0].numel()) if tensor.shape[0] else 1
+    rows = max(1, elements // row)
+    for first in range(0, tensor.shape[0], rows):
+        yield first * row, tensor[first : first + rows]
+
+
+def tensor_meta(state: Mapping[str, torch.Tensor], name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """Tensor ``name``'s dtype and shape, without reading a spilled tensor back."""
+    if isinstance(state, SpilledState):
+        return state.meta(name)
+    tensor = state[name]
+    return tensor.dtype, tuple(tensor.shape)
+
+
+def tensor_slices(
+    state: Mapping[str, torch.Tensor], name: str, elements: int = SLICE_ELEMENTS
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Tensor ``name`` of ``state`` in pieces, read from disk if ``state`` was spilled, views otherwise."""
+    if isinstance(state, SpilledState):
+        return state.slices(name, elements)
+    return slices_of(state[name], elements)

@@ -1,0 +1,78 @@
+"""Updates received to disk through the coordinator's real round path: the run is the same to the bit, and the spill
+directory is left as it was found."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from .inmemory_jobs import coordinator_for, in_memory_workers
+
+MLP = {"factory": "fedlink.models:mlp", "kwargs": {"in_features": 64, "hidden": 64, "num_classes": 10}}
+FROZEN = {"factory": "fedlink.models:sized_mlp",
+          "kwargs": {"megabytes": 0.25, "in_features": 64, "num_classes": 10, "frozen_backbone": True}}
+
+
+def _config(out: Path, *, model: dict[str, Any], update: str, strategy: str, limits: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "spill", "seed": 5, "model": model, "rounds": 2, "output": str(out),
+        "training": {"update": update, "epochs": 2, "optimizer": {"lr": 0.05, "momentum": 0.9}},
+        "strategy": {"name": strategy},
+        "limits": limits,
+    }
+
+
+@pytest.mark.parametrize(
+    ("model", "update", "strategy"),
+    [
+        (MLP, "delta", "fedavg"),
+        (MLP, "weights", "median"),  # a robust strategy reads each spilled update's tensors whole
+        (FROZEN, "weights", "fedavg"),  # frozen parameters join the spilled update from memory
+    ],
+    ids=["fedavg-delta", "median-weights", "frozen-backbone"],
+)
+async def test_a_run_whose_updates_go_to_disk_ends_with_the_same_bits_and_leaves_nothing_behind(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path, model: dict[str, Any], update: str, strategy: str
+) -> None:
+    shards, _ = digit_shards
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    runs = {}
+    for name, limits in (
+        ("memory", {"spill_bytes": 1 << 40}),
+        ("disk", {"spill_bytes": 0, "spill_dir": str(spill_dir)}),
+    ):
+        config = _config(tmp_path / name, model=model, update=update, strategy=strategy, limits=limits)
+        async with in_memory_workers(shards) as remotes:
+            coordinator = coordinator_for(remotes, config)
+            history = await coordinator.run()
+        runs[name] = (
+            coordinator.state,
+            [r["train_loss"] for r in history],
+            [r["spilled_bytes"] for r in history],
+            [r["upload_bytes"] for r in history],
+        )
+    memory, disk = runs["memory"], runs["disk"]
+    assert list(disk[0]) == list(memory[0])
+    for key, tensor in memory[0].items():
+        assert torch.equal(disk[0][key], tensor), key
+    assert disk[1] == memory[1]
+    assert memory[2] == [0, 0] and disk[2] == disk[3] == memory[3] and min(disk[2]) > 0  # every update went to disk
+    assert os.listdir(spill_dir) == []
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [target for target in fds if target.startswith(str(spill_dir))]  # every spill file was closed
+
+
+def test_a_spill_directory_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path) -> None:
+    from fedlink.server.config import parse_config
+    from fedlink.server.coordinator import Coordinator
+    from fedlink.server.errors import ConfigError
+
+    config = {**_config(tmp_path / "out", model=MLP, update="delta", strategy="fedavg",
+                        limits={"spill_dir": str(tmp_path / "nowhere")}), "workers": ["ws://127.0.0.1:1"]}
+    with pytest.raises(ConfigError, match="limits.spill_dir .*nowhere.* not a directory"):
+        Coordinator(parse_config(config, source="test"))
