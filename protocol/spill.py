@@ -24,7 +24,7 @@ import torch
 from .errors import TransferError
 from .tensors import DTYPES, StateHeader, TensorSpec
 
-__all__ = ["Spill", "SpillAssembler", "SpilledState", "SLICE_ELEMENTS", "tensor_slices", "tensor_meta", "slices_of"]
+__all__ = ["Spill", "SpillAssembler", "SpilledState", "SLICE_ELEMENTS", "tensor_slices", "tensor_meta", "slices_of", "subset"]
 
 #: Elements per slice when a tensor is read, checked or folded in pieces (4 MiB of float32). A power of two, so
 #: slicing never moves a vectorised kernel's tail and both ways of holding an update fold to the same bits.
@@ -210,6 +210,13 @@ def slices_of(tensor: torch.Tensor, elements: int = SLICE_ELEMENTS) -> Iterator[
     rows = max(1, elements // row)
     for first in range(0, tensor.shape[0], rows):
         yield first * row, tensor[first : first + rows]
+
+
+def subset(state: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> Mapping[str, torch.Tensor]:
+    """The tensors ``names`` of ``state``, in that order, without reading a spilled tensor back."""
+    if isinstance(state, SpilledState):
+        return state.with_held(names, {})
+    return {name: state[name] for name in names}
 
 
 def tensor_meta(state: Mapping[str, torch.Tensor], name: str) -> tuple[torch.dtype, tuple[int, ...]]:

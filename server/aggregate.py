@@ -98,13 +98,14 @@ class WeightedSum:
             raise ValueError("every update must have the same tensors")
         dtypes = {name: _dtype_of(state, name) for name in state}
         peaks = tensor_peaks(state)
-        risky = {
+        risky = [  # in the update's order, so the refusal names the same tensor every time
             name for name, dtype in dtypes.items()
             if _floating(accumulator_dtype(dtype))
             and not self._peaks.get(name, 0.0) + weight * peaks[name] < _SAFETY * _largest(accumulator_dtype(dtype))
-        }
+        ]
         for name in risky:  # raises before anything is written
             self._exact_peak(state, name, weight)
+        exact = set(risky)
         try:
             for name, dtype in dtypes.items():
                 if name not in self._sums:
@@ -114,7 +115,7 @@ class WeightedSum:
                     first = True
                 else:
                     first = False
-                if name in risky:
+                if name in exact:
                     self._peaks[name] = self._commit_exact(state, name, weight, first)
                 else:
                     self._fold(state, name, weight, first)

@@ -119,4 +119,5 @@ async def run_round(
         aggregate = await (workflow(driver) if workflow is not None else strategy.run_round(driver))
     finally:
         await driver.end()
-    return RoundReport(server_round, aggregate.state, driver.outcomes, time.perf_counter() - started, metrics=dict(aggregate.metrics))
+    state = transfer.keep_frozen(aggregate.state, global_state) if transfer is not None else aggregate.state
+    return RoundReport(server_round, state, driver.outcomes, time.perf_counter() - started, metrics=dict(aggregate.metrics))

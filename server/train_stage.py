@@ -209,7 +209,10 @@ class TrainStage(Stage[None]):
         if transfer.compression.name != "none":
             assert isinstance(received, dict)
             received = await asyncio.to_thread(transfer.decode, received)
-        state = transfer.complete(received, self.global_state, result.update)
+        if self.transfer.folds_frozen:
+            state = transfer.complete(received, self.global_state, result.update)
+        else:
+            state = self.transfer.for_fold(transfer.update_header, received)
         del received
         # One pass, a slice at a time: the norm, NaN or infinity by tensor, and each tensor's peak for the fold.
         scan = await asyncio.to_thread(scan_update, state)

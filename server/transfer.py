@@ -10,9 +10,11 @@ backbone) never travel back: their update is known without asking. The coordinat
 (:meth:`WorkerTransfer.complete`): the global tensor itself for ``weights``, zeros for ``delta`` and ``gradients``
 (stride-0 views: no memory). Both are exactly what the worker would have sent, so the model's bytes do not change.
 
-With ``training.send_only_changed`` (the default) a worker keeps the last global state it was sent, and the next
-request sends only the tensors that changed since (:class:`StateVersions`): a frozen backbone travels once per
-worker, not every round. The coordinator counts a tensor as changed when its values differ (``torch.equal``)
+With ``training.send_only_changed`` (the default) a worker keeps the frozen parameters of the last global state it
+was sent, and the next request leaves out those that did not change since (:class:`StateVersions`): a frozen
+backbone travels once per worker, not every round. (It keeps nothing else: the model it trains takes the received
+tensors as its own and changes them in place, so that a large model is held once, not twice; and a trained tensor
+changes every round anyway.) The coordinator counts a tensor as changed when its values differ (``torch.equal``)
 from the round before, and believes a worker keeps a state only if the worker trained on it over the session it
 still has: a worker that restarted or reconnected, or failed its last request, is sent everything again.
 """
@@ -40,7 +42,7 @@ from fedlink.protocol import capabilities
 from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import HookSpec, StateCache, TrainingPlan, UpdateKind
 from fedlink.protocol.session import Session
-from fedlink.protocol.spill import SpilledState
+from fedlink.protocol.spill import SpilledState, subset
 from fedlink.protocol.tensors import DTYPES, State, StateHeader
 
 from .errors import InvalidUpdate
@@ -160,6 +162,25 @@ class TransferFormat:
         default_factory=dict
     )
 
+    @property
+    def folds_frozen(self) -> bool:
+        """Whether the round's fold covers the frozen parameters: only under ``training.upload: all``. Otherwise
+        their update is known (unchanged weights, zero deltas and gradients), so they are left out of the fold
+        (no accumulator for a frozen backbone) and the new global state keeps them exactly (:meth:`keep_frozen`)."""
+        return not self.frozen or self.upload == "all"
+
+    def for_fold(self, update_header: StateHeader, received: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """What of a worker's update goes into the fold when :attr:`folds_frozen` is False: the tensors that are
+        not frozen, whether the worker left the frozen ones out or (an older fedlink) sent them."""
+        return subset(received, tuple(t.name for t in update_header.tensors if t.name not in self.frozen))
+
+    def keep_frozen(self, new_state: State, global_state: State) -> State:
+        """``new_state`` with each frozen parameter the fold left out taken from ``global_state`` as it is."""
+        missing = [name for name in self.frozen if name in global_state and name not in new_state]
+        if not missing:
+            return new_state
+        return {name: new_state[name] if name in new_state else value for name, value in global_state.items()}
+
     def cache_for(self, worker: RemoteWorker, download: str) -> tuple[StateCache | None, frozenset[str]]:
         """Whether ``worker`` is sent only what changed: the request's cache field and the tensors left out.
 
@@ -174,7 +195,10 @@ class TransferFormat:
         self._pending[worker.name] = _Kept(session, download, snapshot, key)
         if kept is None or kept.session is not session or kept.download != download:
             return StateCache(key=key), frozenset()
-        omitted = frozenset(name for name, version in snapshot.items() if kept.versions.get(name, -1) == version)
+        # A worker keeps only frozen parameters: training changes the others in place on the worker.
+        omitted = frozenset(
+            name for name in self.frozen if name in snapshot and kept.versions.get(name, -1) == snapshot[name]
+        )
         return StateCache(base=kept.key, key=key), omitted
 
     def confirm(self, worker: str) -> None:

@@ -44,8 +44,8 @@ class WorkerMemory:
         self.round_ttl = round_ttl
         self._runs: OrderedDict[str, RunStore] = OrderedDict()
         self._rounds: dict[tuple[str, int], _RoundContext] = {}
-        #: The last global state a coordinator sent in full or in part (TrainRequest.cache): (run, key, state). One
-        #: slot, whatever the number of runs, so it costs at most one model's memory.
+        #: The frozen parameters of the last global state a coordinator sent (TrainRequest.cache): (run, key, state).
+        #: One slot, whatever the number of runs; the tensors are those of the model that trained on them.
         self.global_state: tuple[str, str, dict[str, Any]] | None = None
 
     def cached_state(self, run_id: str, key: str) -> dict[str, Any] | None:

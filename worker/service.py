@@ -6,6 +6,7 @@ around it, and a simulation can hold many services in one process.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -184,7 +185,18 @@ class WorkerService:
             raise BadRequest(f"training hooks take tensors named like the model's own: {', '.join(clash[:5])}")
         return StateHeader(tensors=(*model.tensors, *extra))
 
-    def _load(self, spec: ModelSpec, state: State) -> nn.Module:
+    def _load(self, spec: ModelSpec, state: State, *, adopt: bool = False) -> nn.Module:
+        """The model with ``state`` loaded.
+
+        With ``adopt`` the model takes the received tensors as its own instead of copies (built on the meta device,
+        then ``load_state_dict(assign=True)``): a large model is then held once, not twice. Training changes them in
+        place, so only a caller that needs no received value afterwards asks for it (weights and gradients updates;
+        a delta needs the received weights).
+        """
+        if adopt:
+            model = self._adopt(spec, state)
+            if model is not None:
+                return model.to(self.device)
         with self.build_limits():
             model = build_model(spec.factory, spec.kwargs, self.allow)
         try:
@@ -192,6 +204,25 @@ class WorkerService:
         except (RuntimeError, KeyError) as exc:
             raise BadRequest(f"weights do not fit model {spec.factory}: {exc}") from exc
         return model.to(self.device)
+
+    def _adopt(self, spec: ModelSpec, state: State) -> nn.Module | None:
+        """The model built on the meta device around ``state``'s tensors; None when the state cannot be all of it
+        (a buffer outside the state dict stays on the meta device), and the copying path must build it."""
+        with self.build_limits(), torch.device("meta"):
+            model = build_model(spec.factory, spec.kwargs, self.allow)
+        targets = model.state_dict()
+        if targets.keys() != state.keys():
+            return None  # the copying path names what does not fit
+        # A cast-down download (training.download) is cast back to the model's dtypes: those tensors are copies.
+        owned = {name: value if value.dtype == targets[name].dtype else value.to(targets[name].dtype)
+                 for name, value in state.items()}
+        try:
+            model.load_state_dict(owned, strict=True, assign=True)
+        except (RuntimeError, KeyError) as exc:
+            raise BadRequest(f"weights do not fit model {spec.factory}: {exc}") from exc
+        if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+            return None
+        return model
 
     def _hooks(self, request: TrainRequest, context: HookContext) -> list[TrainingHook]:
         try:
@@ -222,8 +253,14 @@ class WorkerService:
             inputs=inputs,
         )
         hooks = self._hooks(request, context)
-        model = self._load(request.model, state)
-        if plan.privacy is not None and plan.privacy.mode == "local":  # DP-SGD replaces the loop (.local_dp)
+        local_dp = plan.privacy is not None and plan.privacy.mode == "local"
+        model = self._load(request.model, state, adopt=plan.update != "delta" and not local_dp)
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        if request.cache is not None:
+            # Kept for the next request: the frozen parameters, which training never changes (the others, adopted
+            # by the model, change in place; the coordinator sends them every round).
+            self.memory.global_state = (request.run, request.cache.key, {name: state[name] for name in frozen})
+        if local_dp:  # DP-SGD replaces the loop (.local_dp)
             from .local_dp import train_private  # imports Opacus: only workers asked for local DP pay for it
 
             metrics, private = train_private(
@@ -262,8 +299,7 @@ class WorkerService:
             )
             trained = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
             update = make_update(plan.update, state, trained)
-        if plan.upload == "trainable":  # the coordinator fills the frozen ones in: unchanged weights, zero deltas
-            frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        if plan.upload == "trainable":  # the coordinator knows them: unchanged weights, zero deltas
             update = {name: value for name, value in update.items() if name not in frozen}
         for hook in hooks:
             update = hook.transform_update(update)
@@ -285,19 +321,18 @@ class WorkerService:
         return result, update
 
     def _with_kept(self, request: TrainRequest, state: State) -> State:
-        """The whole global state (what was sent, the rest from the kept one), which is then kept in its place."""
+        """The whole global state: what was sent, and the rest from the tensors kept from the last request."""
         assert request.cache is not None
-        if request.cache.base is not None:
-            kept = self.memory.cached_state(request.run, request.cache.base)
-            if kept is None:
-                raise CacheMiss(
-                    f"worker {self.worker_id!r} no longer keeps global state {request.cache.base!r}; "
-                    "the next request must send the whole state"
-                )
-            order = self._train_header(request).tensors
-            state = {t.name: state[t.name] if t.name in state else kept[t.name] for t in order}
-        self.memory.global_state = (request.run, request.cache.key, state)
-        return state
+        if request.cache.base is None:
+            return state
+        kept = self.memory.cached_state(request.run, request.cache.base)
+        order = self._train_header(request).tensors
+        if kept is None or any(t.name not in state and t.name not in kept for t in order):
+            raise CacheMiss(
+                f"worker {self.worker_id!r} no longer keeps global state {request.cache.base!r}; "
+                "the next request must send the whole state"
+            )
+        return {t.name: state[t.name] if t.name in state else kept[t.name] for t in order}
 
     def _slow_down(self, seconds: float, stop: threading.Event | None) -> None:
         if self.slowdown > 1:

@@ -37,6 +37,7 @@ import torch
 
 from fedlink.factory import ModelAllowList, build_model
 from fedlink.protocol.messages import HookSpec, ModelSpec, TrainingPlan, UpdateKind
+from fedlink.protocol.spill import subset
 from fedlink.protocol.tensors import State, StateHeader, header_of
 from fedlink.scaffold import DELTA, PREFIX, control_name, delta_specs
 
@@ -153,11 +154,12 @@ class _ScaffoldAggregation(Aggregation):
 
     def add(self, update: ClientUpdate) -> None:
         self._kind = same_kind(self._kind, update)
-        model = {k: v for k, v in update.state.items() if not k.startswith(PREFIX)}
+        model = subset(update.state, tuple(k for k in update.state if not k.startswith(PREFIX)))
         self._sum.add(model, float(update.num_samples))
-        for key, value in update.state.items():
+        for key in update.state:
             if key.startswith(DELTA):
                 name = key[len(DELTA):]
+                value = update.state[key]
                 total = self._delta_c.get(name)
                 self._delta_c[name] = value.clone() if total is None else total.add_(value)
         if update.metrics.get("scaffold_fresh") and update.worker in self._strategy._seen:

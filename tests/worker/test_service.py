@@ -10,7 +10,7 @@ import torch
 
 from fedlink.errors import ModelNotAllowed
 from fedlink.factory import ModelAllowList
-from fedlink.models import mlp
+from fedlink.models import mlp, sized_mlp
 from fedlink.protocol.messages import (
     EvaluateRequest, ModelSpec, OptimizerSpec, StateCache, TrainingPlan, TrainRequest,
 )
@@ -31,6 +31,11 @@ def _global() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in mlp(in_features=64, hidden=16, num_classes=10).state_dict().items()}
 
 
+def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a worker receives is its own: training may take its tensors as the model's (see WorkerService.train)."""
+    return {k: v.clone() for k, v in state.items()}
+
+
 def _request(update: str = "weights", seed: int = 7, epochs: int = 1, momentum: float = 0.0) -> TrainRequest:
     optimizer = OptimizerSpec(lr=0.1, momentum=momentum)
     plan = TrainingPlan(epochs=epochs, batch_size=16, optimizer=optimizer, update=update, seed=seed)
@@ -40,7 +45,7 @@ def _request(update: str = "weights", seed: int = 7, epochs: int = 1, momentum: 
 def test_training_learns_and_reports_metrics(digit_shards: tuple[list[Path], Path]) -> None:
     service = _service(digit_shards[0][0])
     start = _global()
-    result, weights = service.train(_request(epochs=3, momentum=0.9), start)
+    result, weights = service.train(_request(epochs=3, momentum=0.9), _copy(start))
     assert result.num_samples == service.shard.num_samples
     assert result.update == "weights" and result.round == 1 and result.task_id == "t1"
     assert 0 <= result.metrics["loss"] < 1.0, "three epochs on digits bring the training loss well below 1"
@@ -62,8 +67,8 @@ def test_same_seed_repeats_bit_for_bit_and_other_seed_differs(digit_shards: tupl
 def test_delta_is_trained_minus_received(digit_shards: tuple[list[Path], Path]) -> None:
     service = _service(digit_shards[0][0])
     start = _global()
-    _, weights = service.train(_request("weights"), start)
-    _, delta = service.train(_request("delta"), start)
+    _, weights = service.train(_request("weights"), _copy(start))
+    _, delta = service.train(_request("delta"), _copy(start))
     for name in start:
         torch.testing.assert_close(start[name] + delta[name], weights[name], rtol=0, atol=1e-6)
 
@@ -134,16 +139,83 @@ def _cached(request: TrainRequest, base: str | None, key: str) -> TrainRequest:
     return request.model_copy(update={"run": "r1", "cache": StateCache(base=base, key=key)})
 
 
-def test_a_partial_state_is_completed_from_the_kept_one_and_trains_the_same(digit_shards: tuple[list[Path], Path]) -> None:
+FROZEN = ModelSpec(factory="fedlink.models:sized_mlp",
+                   kwargs={"megabytes": 0.05, "in_features": 64, "num_classes": 10, "frozen_backbone": True})
+
+
+def _frozen_global() -> dict[str, torch.Tensor]:
+    torch.manual_seed(2)
+    return {k: v.clone() for k, v in sized_mlp(**FROZEN.kwargs).state_dict().items()}  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("update", ["weights", "delta"])
+def test_a_partial_state_is_completed_from_the_kept_frozen_parameters_and_trains_the_same(
+    digit_shards: tuple[list[Path], Path], update: str
+) -> None:
     service = _service(digit_shards[0][0])
-    start = _global()
-    _, whole = service.train(_cached(_request(seed=3), None, "k.1"), start)
-    part = {"1.weight": start["1.weight"]}  # the rest is what the worker kept under k.1
+    start = _frozen_global()
+    first = _copy(start)
+    request = _request(update, seed=3).model_copy(update={"model": FROZEN})
+    _, whole = service.train(_cached(request, None, "k.1"), first)
+    frozen = [f"{i}.{kind}" for i in (1, 3, 5) for kind in ("weight", "bias")]
+    assert service.memory.global_state is not None
+    kept = service.memory.global_state[2]
+    assert sorted(kept) == sorted(frozen)  # only what training never changes: the head is sent every round
+    assert all(kept[name] is first[name] for name in frozen)  # kept as received, not copied
+    part = {name: start[name].clone() for name in start if name not in frozen}
     announced = header_of(part)
-    assert service.train_header(_cached(_request(seed=3), "k.1", "k.2"), announced) == announced
-    _, again = service.train(_cached(_request(seed=3), "k.1", "k.2"), part)
+    assert service.train_header(_cached(request, "k.1", "k.2"), announced) == announced
+    _, again = service.train(_cached(request, "k.1", "k.2"), part)
     assert all(torch.equal(whole[k], again[k]) for k in whole)
-    assert service.memory.global_state is not None and service.memory.global_state[1] == "k.2"
+    assert service.memory.global_state[1] == "k.2"
+    with pytest.raises(CacheMiss, match=r"no 7.weight"):  # a trained tensor is never kept: it must be sent
+        service.train_header(_cached(request, "k.2", "k.3"), header_of({}))
+
+
+def test_weights_are_trained_in_the_received_tensors_and_a_delta_leaves_them_alone(
+    digit_shards: tuple[list[Path], Path],
+) -> None:
+    """For weights (and gradients) the model takes the received tensors as its own: a large model is held once."""
+    service = _service(digit_shards[0][0])
+    received = _copy(_global())
+    _, weights = service.train(_request("weights"), received)
+    assert all(weights[name].data_ptr() == received[name].data_ptr() for name in received)
+    received = _copy(_global())
+    _, delta = service.train(_request("delta"), received)
+    assert all(torch.equal(received[name], value) for name, value in _global().items())
+    assert all(delta[name].data_ptr() != received[name].data_ptr() for name in received)
+
+
+def test_a_model_with_state_outside_its_state_dict_is_built_and_loaded_as_before(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A buffer kept out of the state dict (``persistent=False``) cannot come from the received tensors: the model
+    is then built for real and the state copied in, and training goes on."""
+    (tmp_path / "fedlink_test_scaled.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Scaled(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(64, 10)\n"
+        "        self.register_buffer('scale', torch.full((64,), 0.5), persistent=False)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x.flatten(1) * self.scale)\n"
+        "def scaled():\n"
+        "    return Scaled()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    service = WorkerService(
+        load_shard(digit_shards[0][0]), allow=ModelAllowList(["fedlink_test_scaled:scaled"]), worker_id="w0"
+    )
+    spec = ModelSpec(factory="fedlink_test_scaled:scaled")
+    torch.manual_seed(0)
+    start = {k: v.clone() for k, v in torch.nn.Linear(64, 10).state_dict().items()}
+    start = {f"fc.{k}": v for k, v in start.items()}
+    assert service._adopt(spec, _copy(start)) is None  # the buffer would stay on the meta device
+    request = _request("weights", epochs=2).model_copy(update={"model": spec})
+    result, weights = service.train(request, _copy(start))
+    assert result.metrics["accuracy"] > 0.3 and not torch.equal(weights["fc.weight"], start["fc.weight"])
 
 
 def test_a_worker_that_does_not_keep_the_base_says_cache_miss(digit_shards: tuple[list[Path], Path]) -> None:
