@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-GOAL = 4.0
+GOAL = 2.5
 MiB = 1 << 20
 _RESULT = "RESULT "
 
@@ -167,6 +167,8 @@ def child(spec: dict[str, Any]) -> None:
         "heap_built": heap_built,
         "heap_peak_run": heap.peak,
         "round_seconds": [r["round_seconds"] for r in history],
+        "upload_bytes": [r["upload_bytes"] for r in history],
+        "download_bytes": [r["download_bytes"] for r in history],
         "workers": [r["workers"] for r in history],
         "marks": marks,
     }
@@ -208,6 +210,16 @@ class Sampler(threading.Thread):
         return (max(inside) if inside else 0), len(inside)
 
 
+def worker_peak(pid: int) -> int:
+    """A worker process's resident high-water mark, in bytes (0 where /proc cannot tell)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else 0
+
+
 def make_shards(folder: Path, count: int, *, samples: int, features: int) -> list[Path]:
     import numpy as np
 
@@ -225,12 +237,14 @@ def make_shards(folder: Path, count: int, *, samples: int, features: int) -> lis
 
 
 def job_config(
-    urls: list[str], *, megabytes: float, rounds: int, output: Path, concurrent_uploads: int = 4
+    urls: list[str], *, megabytes: float, rounds: int, output: Path, concurrent_uploads: int = 4,
+    frozen_backbone: bool = False,
 ) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"megabytes": megabytes, **({"frozen_backbone": True} if frozen_backbone else {})}
     return {
         "name": "bench-coordinator-memory",
         "seed": 0,
-        "model": {"factory": "fedlink.models:sized_mlp", "kwargs": {"megabytes": megabytes}},
+        "model": {"factory": "fedlink.models:sized_mlp", "kwargs": kwargs},
         "workers": urls,
         "rounds": rounds,
         "sampling": {"fraction": 1.0, "min_workers": len(urls)},
@@ -285,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mmap-threshold-mib", type=float, default=0.0,
                         help="pin glibc's mmap threshold in the coordinator (MALLOC_MMAP_THRESHOLD_); 0: glibc's "
                              "dynamic default, as a real coordinator runs -- its heap retention then varies by run")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds a repetition may take")
+    parser.add_argument("--frozen-backbone", action="store_true",
+                        help="freeze all but the output layer (sized_mlp's frozen_backbone): after round 1 only the "
+                             "head travels, and the fold leaves the backbone out")
     parser.add_argument("--trace", action="store_true",
                         help="print the coordinator's log with each new heap peak (of 32 MiB more), to see what holds memory")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -322,12 +340,13 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(args.reps):
                 spec = {
                     "config": job_config(urls, megabytes=args.megabytes, rounds=args.rounds, output=folder / f"run-{rep}",
-                                         concurrent_uploads=args.concurrent_uploads),
+                                         concurrent_uploads=args.concurrent_uploads,
+                                         frozen_backbone=args.frozen_backbone),
                     "threads": args.threads,
                     "heap_interval": args.interval / 2,
                     "trace": args.trace,
                 }
-                result = run_child(spec, interval=args.interval, timeout=600, env=child_env)
+                result = run_child(spec, interval=args.interval, timeout=args.timeout, env=child_env)
                 results.append(result)
                 size = result["model_bytes"]
                 print(
@@ -338,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"({(result['peak_run'] - result['rss_built']) / size:.2f}x); rounds "
                     + ", ".join(f"{s:.2f}s" for s in result["round_seconds"])
                 )
+                print("         bytes per round, down / up: " + ", ".join(
+                    f"{down / MiB:,.1f} / {up / MiB:,.1f} MiB"
+                    for down, up in zip(result["download_bytes"], result["upload_bytes"])
+                ))
+            workers_peak = [worker_peak(w.pid) for w in started]
+            if all(workers_peak):
+                print(f"  worker peak RSS (VmHWM): {', '.join(f'{mib(p).strip()} MiB' for p in workers_peak)}")
         finally:
             stop_workers(started)
 

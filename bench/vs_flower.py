@@ -151,6 +151,8 @@ def main() -> int:
                   f"({flower_growth / model:.2f}x; SuperLink peak {theirs['superlink_peak_bytes'] / 2**20:.0f} MiB)")
             print(f"  round time, fedlink / Flower: {ours_round / theirs_round:.2f}x")
             checks.append((f"W2 round time <= 8 s ({ours_round:.2f} s)", ours_round <= 8.0))
+            growth = ours["peak_growth_bytes"] / model
+            checks.append((f"W2 coordinator peak <= 2.5x the model above imports ({growth:.2f}x)", growth <= 2.5))
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     for text, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")

@@ -12,9 +12,13 @@ Only processes call this (``fl-coordinator``'s commands), never library code: it
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import gc
+from collections.abc import Callable
 
-__all__ = ["DAEMON_THRESHOLDS", "tune_for_daemon"]
+__all__ = ["DAEMON_THRESHOLDS", "tune_for_daemon", "return_free_memory"]
 
 DAEMON_THRESHOLDS = (20_000, 20, 20)
 
@@ -22,3 +26,27 @@ DAEMON_THRESHOLDS = (20_000, 20, 20)
 def tune_for_daemon() -> None:
     """Collect less often (see the module's docstring); idempotent."""
     gc.set_threshold(*DAEMON_THRESHOLDS)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return trim
+
+
+def return_free_memory() -> None:
+    """Give the memory malloc holds free back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Folding a large update slice by slice allocates and frees many 1-4 MiB buffers (frames, slices) from several
+    threads. glibc keeps such freed chunks in each thread's arena for reuse, up to its trim threshold per arena:
+    with 8 workers uploading a 400 MB model that was 0.4x the model of resident memory holding nothing. Called once
+    per folded large update, it costs a fraction of a millisecond. (Lowering the mmap threshold instead returned the
+    memory too, but made every buffer a fresh mapping: rounds took twice as long.)
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fedlink.collector import return_free_memory
 from fedlink.protocol.messages import ModelSpec, TrainingPlan, TrainRequest, TrainResult
 from fedlink.protocol.session import Inbound
 from fedlink.protocol.spill import Spill
@@ -234,6 +235,9 @@ class TrainStage(Stage[None]):
             raise InvalidUpdate(f"update refused, it would overflow the round's sum: {exc}") from None
         except BrokenSum as exc:
             raise RoundRefused(f"round refused: {worker.name}'s update could not be folded: {exc}") from None
+        finally:
+            if outcome.spilled_bytes:
+                return_free_memory()  # the slices and frames it took (see fedlink.collector)
         del state
         self._fold.release(worker.name)
         outcome.num_samples = weight

@@ -56,9 +56,9 @@ async def test_a_spilled_state_reads_back_bit_for_bit_and_leaves_no_name_on_disk
         assert_bit_exact(dict(got.items()), sent)
         for name, tensor in sent.items():
             assert tensor_meta(got, name) == (tensor.dtype, tuple(tensor.shape))
-            pieces = list(tensor_slices(got, name, elements=1000))
             flat = tensor.reshape(-1)
-            assert [start for start, _ in pieces] == list(range(0, flat.numel(), 1000))
+            pieces = [(start, p.clone()) for start, p in tensor_slices(got, name, elements=1000)]  # a piece lasts
+            assert [start for start, _ in pieces] == list(range(0, flat.numel(), 1000))  # until the next is read
             joined = torch.cat([p for _, p in pieces]) if pieces else flat[:0]
             assert torch.equal(joined.view(torch.uint8), flat.contiguous().view(torch.uint8)), name
         got.close()
