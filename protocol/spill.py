@@ -24,7 +24,7 @@ import torch
 from .errors import TransferError
 from .tensors import DTYPES, StateHeader, TensorSpec
 
-__all__ = ["Spill", "SpillAssembler", "SpilledState", "SLICE_ELEMENTS", "tensor_slices", "tensor_meta", "slices_of", "subset"]
+__all__ = ["memory_backed", "Spill", "SpillAssembler", "SpilledState", "SLICE_ELEMENTS", "tensor_slices", "tensor_meta", "slices_of", "subset"]
 
 #: Elements per slice when a tensor is read, checked or folded in pieces (4 MiB of float32). A power of two, so
 #: slicing never moves a vectorised kernel's tail and both ways of holding an update fold to the same bits.
@@ -41,6 +41,32 @@ class Spill:
 
     def wanted(self, nbytes: int) -> bool:
         return nbytes >= self.min_bytes
+
+
+_MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+def memory_backed(directory: str | None, mounts: str | None = None) -> bool:
+    """Whether files in ``directory`` (None: the system's temporary directory) live in memory (tmpfs, ramfs), where
+    spilling an update saves nothing. Reads ``/proc/self/mounts`` (``mounts`` replaces it); False where there is
+    none."""
+    if mounts is None:
+        try:
+            with open("/proc/self/mounts", encoding="utf-8", errors="replace") as handle:
+                mounts = handle.read()
+        except OSError:
+            return False
+    path = os.path.realpath(directory or tempfile.gettempdir())
+    best, kind = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind in _MEMORY_FILESYSTEMS
 
 
 def _write_all(fd: int, data: memoryview) -> None:

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ from fedlink.factory import ModelAllowList, build_model
 from fedlink.privacy import BudgetExceeded
 from fedlink.protocol.messages import Hello, HookSpec, TrainingPlan
 from fedlink.protocol.session import SessionOptions
-from fedlink.protocol.spill import Spill
+from fedlink.protocol.spill import Spill, memory_backed
 from fedlink.protocol.tensors import State, StateHeader, header_of
 from fedlink.shards import load_shard
 from fedlink.training import Metrics, evaluate
@@ -117,6 +118,11 @@ class Coordinator:
         if spill_dir is not None and not (os.path.isdir(spill_dir) and os.access(spill_dir, os.W_OK | os.X_OK)):
             raise ConfigError(f"limits.spill_dir {spill_dir!r} is not a directory this process can write to")
         self.state, self._param_header = initial_state(config)
+        if header_of(self.state).nbytes >= config.limits.spill_bytes and memory_backed(spill_dir):
+            log.warning(
+                "limits.spill_dir (%s) is in memory (tmpfs): updates spilled there take memory, not disk; "
+                "set limits.spill_dir to a directory on disk", spill_dir or tempfile.gettempdir(),
+            )
         self.strategy: Strategy = build_strategy(config.strategy.name, config.strategy.params())
         if config.sampling.min_workers < self.strategy.min_updates:
             raise ConfigError(

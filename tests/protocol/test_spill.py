@@ -11,7 +11,7 @@ import torch
 
 from fedlink.protocol.errors import SessionClosed, TransferError
 from fedlink.protocol.session import Inbound, Session
-from fedlink.protocol.spill import Spill, SpilledState, slices_of, tensor_meta, tensor_slices
+from fedlink.protocol.spill import Spill, SpilledState, memory_backed, slices_of, tensor_meta, tensor_slices
 from fedlink.protocol.tensors import State, header_of
 
 from .test_session import WAIT, assert_bit_exact, model_state, result_for, sessions, train
@@ -105,3 +105,21 @@ def test_in_memory_slices_are_views_and_never_copy_an_expanded_tensor() -> None:
     dense = torch.arange(10.0)
     assert all(p.data_ptr() == dense[start:].data_ptr() for start, p in slices_of(dense, elements=4))
     assert [p.numel() for _, p in slices_of(torch.tensor(3.0))] == [1]
+
+
+MOUNTS = """/dev/vda / ext4 rw,relatime 0 0
+tmpfs /tmp tmpfs rw,nosuid 0 0
+/dev/vdb /tmp/big\\040disk xfs rw 0 0
+tmpfs /run tmpfs rw 0 0
+"""
+
+
+def test_a_spill_directory_in_memory_is_recognised() -> None:
+    assert memory_backed("/tmp", MOUNTS) and memory_backed("/tmp/work/spill", MOUNTS)
+    assert not memory_backed("/tmp/big disk/spill", MOUNTS)  # a disk mounted inside the tmpfs
+    assert not memory_backed("/var/tmp", MOUNTS) and not memory_backed("/tmpfoo", MOUNTS)
+    assert memory_backed("/run", MOUNTS)
+    if os.path.exists("/proc/self/mounts"):  # this machine's own table, as the coordinator reads it
+        shm = [line.split()[1] for line in open("/proc/self/mounts") if line.split()[2:3] == ["tmpfs"]]
+        if shm:
+            assert memory_backed(shm[0])

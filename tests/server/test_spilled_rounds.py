@@ -76,3 +76,18 @@ def test_a_spill_directory_that_cannot_be_written_is_refused_before_the_run(tmp_
                         limits={"spill_dir": str(tmp_path / "nowhere")}), "workers": ["ws://127.0.0.1:1"]}
     with pytest.raises(ConfigError, match="limits.spill_dir .*nowhere.* not a directory"):
         Coordinator(parse_config(config, source="test"))
+
+
+def test_a_spill_directory_in_memory_gets_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fedlink.protocol.spill import memory_backed
+    from fedlink.server.config import parse_config
+    from fedlink.server.coordinator import Coordinator
+
+    if not os.path.isdir("/dev/shm") or not memory_backed("/dev/shm"):
+        pytest.skip("this machine has no tmpfs at /dev/shm")
+    for spill_dir, warned in (("/dev/shm", True), (str(tmp_path), False)):
+        caplog.clear()
+        config = {**_config(tmp_path / "out", model=MLP, update="delta", strategy="fedavg",
+                            limits={"spill_dir": spill_dir, "spill_bytes": 0}), "workers": ["ws://127.0.0.1:1"]}
+        Coordinator(parse_config(config, source="test"))
+        assert ("is in memory (tmpfs)" in caplog.text) is warned, caplog.text
