@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedlink.collector import tune_for_daemon
+from fedlink.collector import freeze_startup, tune_for_daemon
 from fedlink.server.progress import Progress
 
 GOAL_SECONDS = 2.0
@@ -207,6 +207,7 @@ def main() -> int:
     coordinator = Coordinator(config, progress=watch)
     if args.collector == "daemon":
         tune_for_daemon()  # as fl-coordinator's commands do
+        freeze_startup()
     print(f"  garbage collector thresholds {gc.get_threshold()} ({args.collector})")
     for name in ("fedlink", "fedlink.server", "websockets", "websockets.server"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO
 
@@ -231,21 +231,22 @@ class SpilledState(Mapping[str, torch.Tensor]):
         self._file.close()
 
 
-def slices_of(tensor: torch.Tensor, elements: int = SLICE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+def slices_of(tensor: torch.Tensor, elements: int = SLICE_ELEMENTS) -> Iterable[tuple[int, torch.Tensor]]:
     """``(first element, piece)`` views of an in-memory tensor, in its row-major element order.
 
     A contiguous tensor gives flat slices of ``elements``; any other (a stride-0 expansion of zeros) gives blocks
-    of whole rows of about that size, as views, so nothing the size of the tensor is ever made.
+    of whole rows of about that size, as views, so nothing the size of the tensor is ever made. A tensor of one
+    slice comes back as a tuple (a thousand small updates a round make this path hot).
     """
     if tensor.is_contiguous() or tensor.dim() == 0:
         flat = tensor.reshape(-1)
-        for start in range(0, flat.numel(), elements):
-            yield start, flat[start : start + elements]
-        return
+        count = flat.numel()
+        if count <= elements:
+            return ((0, flat),)
+        return ((start, flat[start : start + elements]) for start in range(0, count, elements))
     row = max(1, tensor[0].numel()) if tensor.shape[0] else 1
     rows = max(1, elements // row)
-    for first in range(0, tensor.shape[0], rows):
-        yield first * row, tensor[first : first + rows]
+    return ((first * row, tensor[first : first + rows]) for first in range(0, tensor.shape[0], rows))
 
 
 def subset(state: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> Mapping[str, torch.Tensor]:
@@ -265,7 +266,7 @@ def tensor_meta(state: Mapping[str, torch.Tensor], name: str) -> tuple[torch.dty
 
 def tensor_slices(
     state: Mapping[str, torch.Tensor], name: str, elements: int = SLICE_ELEMENTS
-) -> Iterator[tuple[int, torch.Tensor]]:
+) -> Iterable[tuple[int, torch.Tensor]]:
     """Tensor ``name`` of ``state`` in pieces, read from disk if ``state`` was spilled (each piece valid until the
     next is taken), views otherwise."""
     if isinstance(state, SpilledState):

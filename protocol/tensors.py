@@ -83,7 +83,7 @@ class TensorSpec(BaseModel):
     @field_validator("shape")
     @classmethod
     def _non_negative(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(d < 0 for d in value):
+        if value and min(value) < 0:
             raise ValueError(f"negative dimension in shape {list(value)}")
         return value
 

@@ -12,7 +12,7 @@ once, so whoever calls them holds all n updates in memory; they are the document
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,7 @@ __all__ = [
     "BrokenSum",
     "UpdateScan",
     "scan_update",
+    "Scanned",
     "tensor_peaks",
     "update_norm",
     "accumulator_dtype",
@@ -225,16 +226,18 @@ def _abs_max(tensor: torch.Tensor, chunk: int = 1 << 18) -> float:
         return 0.0
     if tensor.dtype == torch.bool:
         return 1.0
+    floating = tensor.is_floating_point()
     peak = 0.0
     for _, part in _pieces(tensor, chunk):
-        value = float(part.abs().max())
+        # One kernel and no temporary for floating point (the infinity norm); integers have no NaN to care about.
+        value = float(torch.linalg.vector_norm(part, math.inf)) if floating else float(part.abs().max())
         if math.isnan(value):
             return math.inf
         peak = max(peak, value)
     return peak
 
 
-def _pieces(tensor: torch.Tensor, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _pieces(tensor: torch.Tensor, chunk: int) -> Iterable[tuple[int, torch.Tensor]]:
     return slices_of(tensor, chunk)
 
 
@@ -259,7 +262,7 @@ class UpdateScan:
 
 def scan_update(state: Mapping[str, torch.Tensor]) -> UpdateScan:
     """One read of ``state``, a slice at a time (a spilled update is read back once, not three times); a
-    :class:`~fedlink.protocol.spill.SpilledState` keeps the peaks for the fold."""
+    :class:`~fedlink.protocol.spill.SpilledState` or :class:`Scanned` keeps the peaks for the fold."""
     total = 0.0
     bad: list[str] = []
     peaks: dict[str, float] = {}
@@ -276,15 +279,21 @@ def scan_update(state: Mapping[str, torch.Tensor]) -> UpdateScan:
         peaks[name] = peak
         if not finite:
             bad.append(name)
-    if isinstance(state, SpilledState):
+    if isinstance(state, (SpilledState, Scanned)):
         state.peaks = peaks
     norm = math.sqrt(total) if math.isfinite(total) and not bad else math.inf
     return UpdateScan(norm=norm, non_finite=tuple(bad), peaks=peaks)
 
 
+class Scanned(dict[str, torch.Tensor]):
+    """An update held in memory, with the peaks :func:`scan_update` found in it, so the fold need not look again."""
+
+    peaks: dict[str, float] | None = None
+
+
 def tensor_peaks(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """The largest ``|x|`` of each tensor: kept from :func:`scan_update` for a spilled state, computed otherwise."""
-    if isinstance(state, SpilledState) and state.peaks is not None:
+    """The largest ``|x|`` of each tensor: kept from :func:`scan_update` where it was scanned, computed otherwise."""
+    if isinstance(state, (SpilledState, Scanned)) and state.peaks is not None:
         return state.peaks
     return {name: max((_abs_max(part) for _, part in tensor_slices(state, name)), default=0.0) for name in state}
 

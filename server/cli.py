@@ -13,7 +13,7 @@ import click
 import numpy as np
 from rich.console import Console
 
-from fedlink.collector import tune_for_daemon
+from fedlink.collector import freeze_startup, tune_for_daemon
 from fedlink.errors import FedlinkError
 from fedlink.shards import load_shard, save_shard
 
@@ -59,6 +59,7 @@ def train(config_path: Path, resume: bool, log_level: str) -> None:
         # Exporters (metrics:, output.tensorboard) first, then the live table; see server/observers.py.
         with run_observers(config, make_progress(console), announce=lambda line: click.echo(line, err=True)) as progress:
             coordinator = Coordinator(config, progress=progress)
+            freeze_startup()  # what exists now lives for the whole run: later collections need not walk it
             progress.bind(coordinator)
             history = asyncio.run(coordinator.run(resume=resume))
     except FedlinkError as exc:

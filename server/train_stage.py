@@ -29,13 +29,16 @@ from fedlink.protocol.session import Inbound
 from fedlink.protocol.spill import Spill
 from fedlink.protocol.tensors import State, StateHeader
 
-from .aggregate import AccumulatorOverflow, BrokenSum, scan_update
+from .aggregate import AccumulatorOverflow, BrokenSum, Scanned, scan_update
 from .engine import RoundObserver, Stage, StageCall, WorkerOutcome
 from .errors import InvalidUpdate, RoundRefused
 from .fold import OrderedFold
 from .remote import RemoteWorker
 from .transfer import DownloadCache, TransferFormat, WorkerTransfer
 from .strategy import Aggregation, ClientUpdate
+
+#: Updates smaller than this are scanned on the event loop (about a millisecond of work at most).
+_SCAN_INLINE_BYTES = 1 << 20
 
 __all__ = ["TrainStage", "check_result", "derive_seed", "share_cap", "fold_weights"]
 
@@ -215,8 +218,14 @@ class TrainStage(Stage[None]):
         else:
             state = self.transfer.for_fold(transfer.update_header, received)
         del received
-        # One pass, a slice at a time: the norm, NaN or infinity by tensor, and each tensor's peak for the fold.
-        scan = await asyncio.to_thread(scan_update, state)
+        # One pass, a slice at a time: the norm, NaN or infinity by tensor, and each tensor's peak for the fold
+        # (kept with the update). A small update is scanned at once: a thread hand-off would cost more than the scan.
+        if isinstance(state, dict):
+            state = Scanned(state)
+        if transfer.wire_header.nbytes < _SCAN_INLINE_BYTES:
+            scan = scan_update(state)
+        else:
+            scan = await asyncio.to_thread(scan_update, state)
         if scan.non_finite:
             raise InvalidUpdate(f"NaN or infinite values in {', '.join(scan.non_finite[:5])}")
         if not scan.norm <= self.max_update_norm:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+from pathlib import Path
 
 from fedlink.collector import DAEMON_THRESHOLDS, tune_for_daemon
 
@@ -32,3 +33,23 @@ def test_the_coordinator_commands_tune_it_and_importing_fedlink_does_not() -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split(")")
     assert out[0].strip() == "(700, 10, 10"
     assert out[1].strip() == f"({', '.join(map(str, DAEMON_THRESHOLDS))}"
+
+
+def test_train_freezes_what_exists_once_the_coordinator_is_built(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: frozen\nrounds: 1\nmodel: {factory: fedlink.models:mlp}\nworkers: [ws://127.0.0.1:9]\n"
+        f"output: {tmp_path / 'out'}\ntimeouts: {{wait_for_workers: 0.5, connect: 0.5}}\n"
+    )
+    code = (
+        "import gc, sys, fedlink.server.cli as cli\n"
+        "before = gc.get_freeze_count()\n"
+        "try:\n"
+        f"    cli.main(['train', {str(job)!r}], standalone_mode=False)\n"
+        "except BaseException as exc:\n"
+        "    print(type(exc).__name__, file=sys.stderr)\n"
+        "print(before, gc.get_freeze_count())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    before, after = map(int, done.stdout.split()[-2:])
+    assert before == 0 and after > 10_000, done.stderr[-2000:]  # modules, schemas, the model: all frozen
