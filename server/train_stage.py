@@ -2,8 +2,11 @@
 
 Each worker's answer is checked the moment it arrives (does it answer this request, with a plausible sample
 count?); its update is then pulled as soon as :class:`~.fold.OrderedFold` admits it (at most
-``limits.concurrent_uploads`` updates in flight or waiting), checked for non-finite values and folded into the
-strategy's aggregation when its turn in the configured order comes. The worker's deadline covers its training
+``limits.concurrent_uploads`` updates in flight or waiting), scanned once (:func:`~.aggregate.scan_update`: its
+norm, NaN and infinity, each tensor's largest value) and folded into the strategy's aggregation when its turn in
+the configured order comes. An uncompressed update of at least ``limits.spill_bytes`` goes to an unnamed
+temporary file as it arrives and is scanned and folded from there a slice at a time
+(:mod:`fedlink.protocol.spill`), so the coordinator never holds it whole. The worker's deadline covers its training
 and its upload; time spent waiting for a place to upload is the coordinator's doing and is added back.
 
 A worker cannot poison the round with magnitude or with its sample count. An update whose L2 norm (float64,
