@@ -233,6 +233,12 @@ class WorkerService:
             raise BadRequest(str(exc)) from exc
 
     def train(self, request: TrainRequest, state: State, stop: threading.Event | None = None) -> tuple[TrainResult, State]:
+        """Train on ``state`` as ``request`` says; returns the result and the update to send.
+
+        Takes ownership of ``state``: for ``weights`` and ``gradients`` updates the model is built around its
+        tensors (see :meth:`_load`), so training changes them. A caller that needs the received values afterwards
+        passes a copy.
+        """
         plan = request.plan
         # Also here, not only at the daemon: stage handlers (secure aggregation) reach training through this method.
         self.gate.check_plan(plan, request_level=False)

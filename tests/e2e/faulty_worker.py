@@ -32,6 +32,9 @@ class FaultyService(WorkerService):
         return info.model_copy(update={"num_samples": CLAIM}) if self.mode == "claim" else info
 
     def train(self, request: TrainRequest, state: State, stop: threading.Event | None = None) -> tuple[TrainResult, State]:
+        # Training may take the received tensors as the model's own and change them (WorkerService.train): the
+        # sign flip needs the global model as it was received.
+        received = {k: v.clone() for k, v in state.items()} if self.mode == "signflip" else state
         result, update = super().train(request, state, stop)
         first = next(name for name, t in update.items() if t.is_floating_point())
         if self.mode == "nan":
@@ -41,7 +44,7 @@ class FaultyService(WorkerService):
             update[first] = torch.zeros(3, 3)
         elif self.mode == "signflip":
             update = {
-                k: (state[k] - 10 * (v - state[k])) if v.is_floating_point() else v for k, v in update.items()
+                k: (received[k] - 10 * (v - received[k])) if v.is_floating_point() else v for k, v in update.items()
             }
         elif self.mode == "huge":
             update = {k: torch.full_like(v, 3e38) if v.is_floating_point() else v for k, v in update.items()}

@@ -54,9 +54,13 @@ def test_a_worker_that_cannot_meet_the_deadline_is_dropped_alone(
         proxy.close()
         stop_workers(workers)
     assert "deadline" in history[0]["dropped"]["worker-0"], history[0]
-    for record in history:  # later rounds may find it still busy with the round it missed: dropped alone again
+    assert list(history[0]["dropped"]) == ["worker-0"], (label, history[0])
+    # Later rounds may find it still busy with the round it missed (dropped alone again), or its connection lost:
+    # a link that slow can go quiet for longer than the heartbeat allows, and whether that happens just before or
+    # just after the next round picks its workers is a matter of milliseconds. Either way the others are not harmed.
+    for record in history:
         assert record["workers"] == 2, (label, record)
-        assert list(record["dropped"]) == ["worker-0"], (label, record)
+        assert set(record["dropped"]) <= {"worker-0"}, (label, record)
 
 
 PLUGIN = '''
