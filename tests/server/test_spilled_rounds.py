@@ -21,7 +21,8 @@ def _config(out: Path, *, model: dict[str, Any], update: str, strategy: str, lim
     return {
         "name": "spill", "seed": 5, "model": model, "rounds": 2, "output": str(out),
         "training": {"update": update, "epochs": 2, "optimizer": {"lr": 0.05, "momentum": 0.9}},
-        "strategy": {"name": strategy},
+        "strategy": {"name": strategy, **({"num_byzantine": 0} if strategy == "krum" else {})},
+        **({"sampling": {"min_workers": 3}} if strategy == "krum" else {}),
         "limits": limits,
     }
 
@@ -31,9 +32,10 @@ def _config(out: Path, *, model: dict[str, Any], update: str, strategy: str, lim
     [
         (MLP, "delta", "fedavg"),
         (MLP, "weights", "median"),  # a robust strategy reads each spilled update's tensors whole
-        (FROZEN, "weights", "fedavg"),  # frozen parameters join the spilled update from memory
+        (FROZEN, "weights", "fedavg"),  # frozen parameters stay out of the fold
+        (FROZEN, "delta", "krum"),  # Krum's pick lacks them too: the round keeps them from the global model
     ],
-    ids=["fedavg-delta", "median-weights", "frozen-backbone"],
+    ids=["fedavg-delta", "median-weights", "frozen-backbone", "frozen-krum"],
 )
 async def test_a_run_whose_updates_go_to_disk_ends_with_the_same_bits_and_leaves_nothing_behind(
     digit_shards: tuple[list[Path], Path], tmp_path: Path, model: dict[str, Any], update: str, strategy: str
@@ -62,6 +64,14 @@ async def test_a_run_whose_updates_go_to_disk_ends_with_the_same_bits_and_leaves
         assert torch.equal(disk[0][key], tensor), key
     assert disk[1] == memory[1]
     assert memory[2] == [0, 0] and disk[2] == disk[3] == memory[3] and min(disk[2]) > 0  # every update went to disk
+    if model is FROZEN:  # left out of every fold, kept to the bit
+        from fedlink.server.config import parse_config
+        from fedlink.server.coordinator import initial_state
+
+        config = _config(tmp_path / "x", model=model, update=update, strategy="fedavg", limits={})
+        initial, _ = initial_state(parse_config({**config, "workers": ["ws://x:1"]}, source="test"))
+        assert all(torch.equal(disk[0][name], initial[name]) for name in ("1.weight", "3.weight", "5.bias"))
+        assert not torch.equal(disk[0]["7.weight"], initial["7.weight"])
     assert os.listdir(spill_dir) == []
     fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
     assert not [target for target in fds if target.startswith(str(spill_dir))]  # every spill file was closed
