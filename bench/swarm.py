@@ -31,7 +31,6 @@ import asyncio
 import gc
 import json
 import os
-import resource
 import secrets
 import signal
 import statistics
@@ -42,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedlink.collector import freeze_startup, tune_for_daemon
+from fedlink.collector import freeze_startup, raise_open_file_limit, tune_for_daemon
 from fedlink.server.progress import Progress
 
 GOAL_SECONDS = 2.0
@@ -54,12 +53,6 @@ def _rss_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 # -- child: many workers in one process ---------------------------------------------------------------------------
@@ -79,7 +72,7 @@ def child(url: str, token_file: Path, shard_path: Path, first: int, count: int) 
 
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
-    _raise_fd_limit()
+    raise_open_file_limit()
     shard = load_shard(shard_path)
     keyring = Keyring(shared=secret_from_file(token_file))
 
@@ -179,7 +172,7 @@ def main() -> int:
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("fedlink").setLevel(logging.WARNING)
-    _raise_fd_limit()
+    raise_open_file_limit()
     torch.set_num_threads(1)
     load = os.getloadavg()[0]
     print(f"before: load average {load:.2f} on {os.cpu_count()} cores")

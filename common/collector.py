@@ -18,14 +18,36 @@ import functools
 import gc
 from collections.abc import Callable
 
-__all__ = ["DAEMON_THRESHOLDS", "tune_for_daemon", "freeze_startup", "return_free_memory"]
+__all__ = ["DAEMON_THRESHOLDS", "tune_for_daemon", "freeze_startup", "raise_open_file_limit", "return_free_memory"]
 
 DAEMON_THRESHOLDS = (20_000, 20, 20)
 
 
 def tune_for_daemon() -> None:
-    """Collect less often (see the module's docstring); idempotent."""
+    """Collect less often (see the module's docstring), and allow as many open files as the system lets this
+    process have (:func:`raise_open_file_limit`); idempotent."""
     gc.set_threshold(*DAEMON_THRESHOLDS)
+    raise_open_file_limit()
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one; returns the (soft, hard) limits now in force.
+
+    Every worker connection is a socket, and every update waiting in a spill file is one more descriptor: the
+    usual soft limit of 1,024 would refuse the thousandth worker. The hard limit is the administrator's, and stays.
+    """
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # some systems cap it below an infinite hard limit
+            return (soft, hard)
+        soft = hard
+    return (soft, hard)
 
 
 def freeze_startup() -> None:

@@ -53,3 +53,19 @@ def test_train_freezes_what_exists_once_the_coordinator_is_built(tmp_path: Path)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     before, after = map(int, done.stdout.split()[-2:])
     assert before == 0 and after > 10_000, done.stderr[-2000:]  # modules, schemas, the model: all frozen
+
+
+def test_the_coordinator_commands_raise_the_open_file_limit_to_the_hard_one() -> None:
+    code = (
+        "import resource, fedlink.server.cli as cli\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+        "try:\n"
+        "    cli.main(['train', '/nonexistent/job.yaml'], standalone_mode=False)\n"
+        "except BaseException:\n"
+        "    pass\n"
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    soft, hard = map(int, done.stdout.split())
+    assert soft == hard, done.stderr[-2000:]  # a thousand worker sockets need more than the usual 1,024
