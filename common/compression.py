@@ -2,8 +2,8 @@
 
 ``training.compression`` picks one scheme for the run; the coordinator asks for it, in the training plan, only of
 workers whose hello offers it (:func:`fedlink.protocol.capabilities.compress`), so an older worker keeps sending
-plain updates. Compression is the last step of the worker's update pipeline (a training hook that runs after every other hook), so it sees
-the update exactly as it would otherwise travel, SCAFFOLD's control-variate deltas included.
+plain updates. Compression is the last step of the worker's update pipeline (a training hook that runs after every
+other hook), so it sees the update exactly as it would otherwise travel, SCAFFOLD's control-variate deltas included.
 
 Schemes, applied to each floating-point tensor (integer and bool buffers travel as they are):
 

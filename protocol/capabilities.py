@@ -21,7 +21,7 @@ def download(dtype: str) -> str:
 
 #: The worker leaves frozen parameters out of its update when asked (``training.upload: trainable``).
 UPLOAD_TRAINABLE = "upload/trainable"
-#: The worker keeps the last global state it was sent, so that the next can send only what changed.
+#: The worker keeps the frozen parameters of the last global state it was sent, so the next need not send them.
 DOWNLOAD_CACHED = "download/cached"
 
 #: Everything a worker of this version offers.

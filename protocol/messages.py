@@ -200,11 +200,12 @@ class TrainingPlan(_Strict):
 
 
 class StateCache(_Strict):
-    """The global state travels only in part: the worker keeps the last one it was sent (one, for one run).
+    """The global state travels only in part: the worker keeps the frozen parameters of the last one it was sent
+    (one, for one run).
 
     ``base`` names the state the coordinator believes the worker keeps (None: everything is sent); the tensors the
-    request does not announce are taken from it. ``key`` names the whole state once put together, which the worker
-    keeps in its place. Keys are the coordinator's, opaque to the worker.
+    request does not announce are taken from it. ``key`` names the state this request puts together, whose frozen
+    parameters the worker keeps in its place. Keys are the coordinator's, opaque to the worker.
     """
 
     base: str | None = Field(None, pattern=_CACHE_KEY)

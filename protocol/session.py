@@ -552,8 +552,8 @@ class Session:
             succeeded = False
             try:
                 await self._send_frame(encode_message(Pull(id=next(self._ids), ref=ref)))
-                if transfer.assembler.done:
-                    received = transfer.assembler.result()
+                if assembler.done:
+                    received = assembler.result()
                 else:
                     async with asyncio.timeout(timeout):
                         received = await transfer.future
@@ -562,7 +562,7 @@ class Session:
             except TimeoutError as exc:
                 raise TransferError(
                     f"state from {self.peer} incomplete after {timeout:g}s "
-                    f"({transfer.assembler.received} of {header.nbytes} bytes)"
+                    f"({assembler.received} of {header.nbytes} bytes)"
                 ) from exc
             finally:
                 self._transfers.pop(ref, None)

@@ -143,44 +143,43 @@ class SpilledState(Mapping[str, torch.Tensor]):
     state once (the largest ``|x|`` per tensor), so the fold need not read it a second time to learn them.
     """
 
-    def __init__(
-        self,
-        file: IO[bytes],
-        header: StateHeader,
-        *,
-        order: tuple[str, ...] | None = None,
-        held: Mapping[str, torch.Tensor] | None = None,
-    ) -> None:
+    def __init__(self, file: IO[bytes], header: StateHeader) -> None:
         self._file = file
         self._spans: dict[str, _Span] = {}
         offset = 0
         for spec in header.tensors:
             self._spans[spec.name] = _Span(spec, offset)
             offset += spec.nbytes
-        self._held = dict(held or {})
-        self._order = order if order is not None else tuple(self._spans)
+        self._held: dict[str, torch.Tensor] = {}
+        self._order = tuple(self._spans)
+        self._names = frozenset(self._order)
         self.peaks: dict[str, float] | None = None
 
     def with_held(self, order: tuple[str, ...], held: Mapping[str, torch.Tensor]) -> "SpilledState":
-        """The same file with tensors added from memory (frozen parameters the worker did not send), in ``order``."""
+        """The same file with tensors added from memory (frozen parameters the worker did not send), in ``order``
+        (which may also leave some out)."""
         out = SpilledState.__new__(SpilledState)
         out._file, out._spans, out.peaks = self._file, self._spans, None
         out._held = {**self._held, **held}
-        out._order = order
+        out._order, out._names = order, frozenset(order)
         missing = [name for name in order if name not in out._spans and name not in out._held]
         if missing:
             raise KeyError(f"no tensor {missing[0]!r} in the spilled state")
         return out
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
         held = self._held.get(name)
         if held is not None:
             return held
         span = self._spans[name]
-        return self._read(span, 0, span.spec.numel).reshape(span.spec.shape)
+        out = torch.empty(span.spec.numel, dtype=DTYPES[span.spec.dtype])
+        self._read_into(span, 0, out)
+        return out.reshape(span.spec.shape)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._held or name in self._spans and name in self._order
+        return name in self._names
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._order)
@@ -212,11 +211,6 @@ class SpilledState(Mapping[str, torch.Tensor]):
             part = buffer[: min(elements, numel - start)]
             self._read_into(span, start, part)
             yield start, part
-
-    def _read(self, span: _Span, start: int, count: int) -> torch.Tensor:
-        out = torch.empty(count, dtype=DTYPES[span.spec.dtype])
-        self._read_into(span, start, out)
-        return out
 
     def _read_into(self, span: _Span, start: int, out: torch.Tensor) -> None:
         if not out.numel():

@@ -128,25 +128,26 @@ class WeightedSum:
         self.count += 1
 
     def _fold(self, state: Mapping[str, torch.Tensor], name: str, weight: float, first: bool) -> None:
-        flat = self._sums[name].view(-1)
         for start, part in tensor_slices(state, name):
-            target = flat[start : start + part.numel()].view(part.shape)
+            target = self._target(name, start, part)
             if first:
                 torch.mul(part.to(target.dtype), weight, out=target)
             else:
                 target.add_(part.to(target.dtype), alpha=weight)
 
-    def _exact(self, state: Mapping[str, torch.Tensor], name: str, weight: float, first: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(accumulator slice, its new value in float64)`` for each slice of tensor ``name``."""
-        flat = self._sums[name].view(-1) if name in self._sums else None
+    def _target(self, name: str, start: int, part: torch.Tensor) -> torch.Tensor:
+        """The accumulator's slice that ``part`` (starting at element ``start``) folds into."""
+        return self._sums[name].view(-1)[start : start + part.numel()].view(part.shape)
+
+    def _exact(
+        self, state: Mapping[str, torch.Tensor], name: str, weight: float, first: bool
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first element, the slice's new sum in float64)`` for each slice of tensor ``name``."""
         for start, part in tensor_slices(state, name):
             exact = part.to(torch.float64) * weight
-            target = None
-            if flat is not None:
-                target = flat[start : start + part.numel()].view(part.shape)
-                if not first:
-                    exact += target.to(torch.float64)
-            yield target if target is not None else exact, exact
+            if not first:
+                exact += self._target(name, start, part).to(torch.float64)
+            yield start, exact
 
     def _exact_peak(self, state: Mapping[str, torch.Tensor], name: str, weight: float) -> None:
         dtype = accumulator_dtype(_dtype_of(state, name))
@@ -161,7 +162,8 @@ class WeightedSum:
 
     def _commit_exact(self, state: Mapping[str, torch.Tensor], name: str, weight: float, first: bool) -> float:
         peak = 0.0
-        for target, exact in self._exact(state, name, weight, first):
+        for start, exact in self._exact(state, name, weight, first):
+            target = self._target(name, start, exact)
             target.copy_(exact)
             peak = max(peak, _abs_max(target))
         return peak

@@ -20,14 +20,13 @@ from fedlink.protocol.errors import ProtocolError
 from fedlink.protocol.messages import TrainRequest, TrainResult
 from fedlink.protocol.tensors import header_of
 
-from .aggregate import non_finite, update_norm
 from .engine import WorkerOutcome
 from .errors import InvalidUpdate
 from .remote import RemoteWorker
 from .rounds import RoundReport, round_context
 from .strategy.base import ClientUpdate, as_aggregate
 from .strategy.fedbuff import BufferedAggregation, FedBuff
-from .train_stage import check_result, derive_seed
+from .train_stage import check_result, check_update, derive_seed
 from .transfer import DownloadCache, upload_slots
 
 if TYPE_CHECKING:
@@ -128,14 +127,7 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
             if transfer.compression.name != "none":
                 state = await asyncio.to_thread(transfer.decode, state)
             update = transfer.complete(state, base_state, result.update)
-            bad = non_finite(update)
-            if bad:
-                raise InvalidUpdate(f"NaN or infinite values in {', '.join(bad[:5])}")
-            norm = await asyncio.to_thread(update_norm, update)
-            if not norm <= config.limits.max_update_norm:
-                raise InvalidUpdate(
-                    f"update norm {norm:.4g} exceeds limits.max_update_norm ({config.limits.max_update_norm:.4g})"
-                )
+            await asyncio.to_thread(check_update, update, max_update_norm=config.limits.max_update_norm)
         except TimeoutError:
             outcome.reason = f"no update within timeouts.round ({config.timeouts.round:g}s)"
         except (ProtocolError, InvalidUpdate) as exc:

@@ -117,7 +117,8 @@ class TrainingConfig(_Section):
         "trainable", description="trainable: frozen parameters (requires_grad False) are left out of updates"
     )
     send_only_changed: bool = Field(
-        True, description="workers keep the last global state; only the tensors that changed since are sent"
+        True, description="workers keep the frozen parameters of the last global state; those unchanged since are "
+        "not sent again"
     )
 
     @model_validator(mode="after")
@@ -370,7 +371,9 @@ class JobConfig(_Section):
             shaped["training"].pop("compression")
         if self.training.download == "float32":
             shaped["training"].pop("download")
-        shaped["training"].pop("upload")  # what travels, not what is computed: the model's bytes are the same
+        # What travels, not what is computed: the model's bytes are the same (but for the rounding of a float32 mean
+        # of equal frozen weights, which upload: all folds and trainable keeps as they were).
+        shaped["training"].pop("upload")
         shaped["training"].pop("send_only_changed")
         if self.privacy is not None:  # a stopping rule, not the trajectory: a run may resume with a larger budget
             shaped["privacy"].pop("max_epsilon")

@@ -32,7 +32,7 @@ from fedlink.protocol.session import Inbound
 from fedlink.protocol.spill import Spill
 from fedlink.protocol.tensors import State, StateHeader
 
-from .aggregate import AccumulatorOverflow, BrokenSum, Scanned, scan_update
+from .aggregate import AccumulatorOverflow, BrokenSum, Scanned, UpdateScan, scan_update
 from .engine import RoundObserver, Stage, StageCall, WorkerOutcome
 from .errors import InvalidUpdate, RoundRefused
 from .fold import OrderedFold
@@ -43,7 +43,7 @@ from .strategy import Aggregation, ClientUpdate
 #: Updates smaller than this are scanned on the event loop (about a millisecond of work at most).
 _SCAN_INLINE_BYTES = 1 << 20
 
-__all__ = ["TrainStage", "check_result", "derive_seed", "share_cap", "fold_weights"]
+__all__ = ["TrainStage", "check_result", "check_update", "derive_seed", "share_cap", "fold_weights"]
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -62,6 +62,17 @@ def check_result(result: TrainResult, *, request: TrainRequest, max_samples: int
         raise InvalidUpdate("reports zero samples")
     if result.num_samples > max_samples:
         raise InvalidUpdate(f"reports {result.num_samples} samples but its shard holds {max_samples}")
+
+
+def check_update(state: Mapping[str, torch.Tensor], *, max_update_norm: float) -> UpdateScan:
+    """Refuse an update holding NaN or infinity, or whose L2 norm exceeds ``max_update_norm``, from one scan
+    (:func:`~.aggregate.scan_update`, which leaves its peaks with a scanned or spilled state for the fold)."""
+    scan = scan_update(state)
+    if scan.non_finite:
+        raise InvalidUpdate(f"NaN or infinite values in {', '.join(scan.non_finite[:5])}")
+    if not scan.norm <= max_update_norm:
+        raise InvalidUpdate(f"update norm {scan.norm:.4g} exceeds limits.max_update_norm ({max_update_norm:.4g})")
+    return scan
 
 
 def share_cap(counts: Sequence[float], share: float) -> float:
@@ -226,15 +237,9 @@ class TrainStage(Stage[None]):
         if isinstance(state, dict):
             state = Scanned(state)
         if transfer.wire_header.nbytes < _SCAN_INLINE_BYTES:
-            scan = scan_update(state)
+            check_update(state, max_update_norm=self.max_update_norm)
         else:
-            scan = await asyncio.to_thread(scan_update, state)
-        if scan.non_finite:
-            raise InvalidUpdate(f"NaN or infinite values in {', '.join(scan.non_finite[:5])}")
-        if not scan.norm <= self.max_update_norm:
-            raise InvalidUpdate(
-                f"update norm {scan.norm:.4g} exceeds limits.max_update_norm ({self.max_update_norm:.4g})"
-            )
+            await asyncio.to_thread(check_update, state, max_update_norm=self.max_update_norm)
         weight = min(result.num_samples, self._weights.get(worker.name, result.num_samples))
         await self._fold.turn(worker.name)
         try:

@@ -6,9 +6,11 @@ them only if its hello lists the capability (:mod:`fedlink.protocol.capabilities
 fedlink) trains and uploads as before, and the coordinator says so once per worker, not once per round.
 
 With ``training.upload: trainable`` (the default) a model's frozen parameters (``requires_grad=False``, a frozen
-backbone) never travel back: their update is known without asking. The coordinator puts it back before the fold
-(:meth:`WorkerTransfer.complete`): the global tensor itself for ``weights``, zeros for ``delta`` and ``gradients``
-(stride-0 views: no memory). Both are exactly what the worker would have sent, so the model's bytes do not change.
+backbone) never travel back: their update is known without asking (unchanged weights, zero deltas and gradients).
+The train stage leaves them out of the fold (:meth:`TransferFormat.for_fold`) and the new global state keeps them
+as they were (:meth:`TransferFormat.keep_frozen`), so the coordinator holds no running sum for a frozen backbone.
+FedBuff's fold still takes the whole update: :meth:`WorkerTransfer.complete` puts back what the worker left out
+(the global tensor itself for ``weights``, stride-0 zeros otherwise).
 
 With ``training.send_only_changed`` (the default) a worker keeps the frozen parameters of the last global state it
 was sent, and the next request leaves out those that did not change since (:class:`StateVersions`): a frozen
@@ -106,30 +108,32 @@ class WorkerTransfer:
 
 
 class StateVersions:
-    """A version per tensor of the global state, and keys naming whole states, unique to this coordinator process
-    (a resumed coordinator never names a state a worker kept from before)."""
+    """A version per tracked tensor of the global state (the frozen parameters: the only ones a worker keeps), and
+    keys naming whole states, unique to this coordinator process (a resumed coordinator never names a state a
+    worker kept from before)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracked: frozenset[str] = frozenset()) -> None:
         self._prefix = secrets.token_hex(6)
         self._round = 0
-        #: Only the model's tensors: anything else sent with it (a strategy's extra inputs) is always sent.
+        self.tracked = tracked
         self.versions: dict[str, int] = {}
 
     def start(self, state: State) -> None:
-        """The global state a run starts (or resumes) from: every tensor at version 0 of a new key."""
+        """The global state a run starts (or resumes) from: every tracked tensor at version 0 of a new key."""
         self._round += 1
-        self.versions = {name: 0 for name in state}
+        self.versions = {name: 0 for name in state if name in self.tracked}
 
     @property
     def key(self) -> str:
         return f"{self._prefix}.{self._round}"
 
     def advance(self, old: State, new: State) -> None:
-        """The global state went from ``old`` to ``new``: bump the version of every tensor whose values changed."""
+        """The global state went from ``old`` to ``new``: bump the version of every tracked tensor whose values
+        changed. Only those are compared: the others change every round and are always sent."""
         self._round += 1
         versions = dict(self.versions)  # replaced, never changed in place: workers' snapshots share it
-        for name, value in new.items():
-            before = old.get(name)
+        for name in self.versions:
+            value, before = new[name], old.get(name)
             if before is None or not (
                 before is value or (before.shape == value.shape and before.dtype == value.dtype and torch.equal(before, value))
             ):
@@ -154,13 +158,16 @@ class TransferFormat:
     upload: Literal["trainable", "all"] = "trainable"
     frozen: frozenset[str] = frozenset()  # the model's parameters with requires_grad False
     send_only_changed: bool = True
-    versions: StateVersions = field(default_factory=StateVersions)
+    versions: StateVersions = field(init=False)
     _told: set[tuple[str, str]] = field(default_factory=set)  # (worker, capability) already warned about
     _kept: dict[str, _Kept] = field(default_factory=dict)  # what each worker keeps, as far as we know
     _pending: dict[str, _Kept] = field(default_factory=dict)  # sent, not yet trained on
     _header_cache: dict[tuple[int, bool, CompressionSpec], tuple[StateHeader, StateHeader, StateHeader]] = field(
         default_factory=dict
     )
+
+    def __post_init__(self) -> None:
+        self.versions = StateVersions(self.frozen if self.send_only_changed else frozenset())
 
     @property
     def folds_frozen(self) -> bool:
@@ -195,10 +202,8 @@ class TransferFormat:
         self._pending[worker.name] = _Kept(session, download, snapshot, key)
         if kept is None or kept.session is not session or kept.download != download:
             return StateCache(key=key), frozenset()
-        # A worker keeps only frozen parameters: training changes the others in place on the worker.
-        omitted = frozenset(
-            name for name in self.frozen if name in snapshot and kept.versions.get(name, -1) == snapshot[name]
-        )
+        # Only frozen parameters are tracked, the only tensors a worker keeps: training changes the others in place.
+        omitted = frozenset(name for name, version in snapshot.items() if kept.versions.get(name, -1) == version)
         return StateCache(base=kept.key, key=key), omitted
 
     def confirm(self, worker: str) -> None:
