@@ -221,7 +221,9 @@ class TransferFormat:
         if self.compression.name != "none" and self._offers(worker, offered, capabilities.compress(self.compression.name)):
             compression = self.compression
             plan = plan.with_hook(
-                HookSpec(name="compress", params={"scheme": compression.name, "ratio": compression.ratio})
+                HookSpec(name="compress", params={
+                    "scheme": compression.name, "ratio": compression.ratio, "dense_below": compression.dense_below,
+                })
             )
         download: DownloadDtype = "float32"
         if self.download != "float32" and self._offers(worker, offered, capabilities.download(self.download)):

@@ -92,7 +92,7 @@ def test_int8_of_an_all_zero_tensor_is_exact() -> None:
 
 def test_topk_sends_the_largest_and_keeps_the_rest_for_the_next_round() -> None:
     value = {"w": torch.tensor([0.1, -5.0, 0.2, 3.0, 0.0, -0.3, 0.05, 0.01, 0.02, 0.04])}
-    spec = CompressionSpec(name="topk", ratio=0.2)  # k = 2 of 10
+    spec = CompressionSpec(name="topk", ratio=0.2, dense_below=0)  # k = 2 of 10
     dense, kept = through(value, spec)
     assert torch.equal(dense["w"], torch.tensor([0, -5.0, 0, 3.0, 0, 0, 0, 0, 0, 0]))
     assert torch.equal(dense["w"] + kept["w"], value["w"])  # nothing is lost: sent plus kept is the update
@@ -107,7 +107,7 @@ def test_topk_error_feedback_keeps_the_backlog_bounded_while_the_total_grows() -
     """The same update sent 400 times at 1%: sent plus kept is always the whole sum, and what is still held back
     stops growing (without error feedback it would be 99% of the sum, growing every round)."""
     value = {"w": torch.randn(2000, generator=torch.Generator().manual_seed(3))}
-    spec = CompressionSpec(name="topk", ratio=0.01)
+    spec = CompressionSpec(name="topk", ratio=0.01, dense_below=0)
     arrived, residual = torch.zeros(2000), None
     backlog = {}
     for r in range(1, 401):
@@ -128,9 +128,26 @@ def test_topk_sends_tensors_too_small_to_save_anything_dense_and_exact() -> None
     assert torch.equal(dense["w"], value["w"]) and not kept
 
 
+def test_topk_sends_tensors_under_dense_below_dense_and_exact_and_keeps_no_residual_for_them() -> None:
+    """A head or a bias under ``dense_below`` entries travels whole every round; a tensor of that size or more is
+    sparse, so the setting decides exactly which tensors the scheme touches."""
+    generator = torch.Generator().manual_seed(4)
+    value = {"head": torch.randn(99, generator=generator), "body": torch.randn(100, generator=generator)}
+    spec = CompressionSpec(name="topk", ratio=0.05, dense_below=100)
+    header = wire_header(header_of(value), spec)
+    assert [t.describe() for t in header.tensors] == [
+        "head float32[99]", "body float32[5]", f"{INDEX_PREFIX}body int32[5]"
+    ]
+    dense, kept = through(value, spec)
+    assert torch.equal(dense["head"], value["head"]) and list(kept) == ["body"]
+    assert int((dense["body"] != 0).sum()) == 5
+    assert torch.equal(dense["body"] + kept["body"], value["body"])
+    assert CompressionSpec(name="topk").dense_below == 4096  # the default the README's table is measured with
+
+
 def _topk_wire() -> tuple[State, StateHeader, CompressionSpec]:
     value = {"w": torch.arange(100, dtype=torch.float32)}
-    spec = CompressionSpec(name="topk", ratio=0.05)
+    spec = CompressionSpec(name="topk", ratio=0.05, dense_below=0)
     wire, _ = compress(value, spec, generator=torch.Generator())
     return wire, header_of(value), spec
 
@@ -176,7 +193,7 @@ def test_download_casts_floats_and_keeps_integers() -> None:
 
 def _hook(server_round: int, store: dict[str, object], scheme: str = "topk") -> CompressionHook:
     context = HookContext(server_round=server_round, run_state=store, generator=torch.Generator().manual_seed(0))
-    return CompressionHook(CompressionHook.Params(scheme=scheme, ratio=0.2), context)  # type: ignore[arg-type]
+    return CompressionHook(CompressionHook.Params(scheme=scheme, ratio=0.2, dense_below=0), context)  # type: ignore[arg-type]
 
 
 def test_hook_keeps_the_residual_per_round_so_a_repeated_round_starts_from_the_same_one() -> None:

@@ -44,16 +44,17 @@ def _config(urls: list[str], out: Path, test: Path, compression: dict[str, Any],
 async def test_topk_uploads_and_a_float16_download_between_real_workers(
     digit_shards: tuple[list[Path], Path], tmp_path: Path
 ) -> None:
-    """Top-k 1% with error feedback: each worker uploads 2% of the dense bytes, and the model still learns."""
+    """Top-k 1% with error feedback on every tensor (``dense_below: 0``): each worker uploads 2% of the dense bytes,
+    and the model still learns."""
     shards, test = digit_shards
     workers = start_workers(shards, extra_args=["--threads", "1"])
     try:
         config = parse_config(_config([w.url for w in workers], tmp_path / "run", test,
-                                      {"name": "topk", "ratio": 0.01}, download="float16"))
+                                      {"name": "topk", "ratio": 0.01, "dense_below": 0}, download="float16"))
         history = await asyncio.wait_for(Coordinator(config, progress=Progress()).run(), 240)
     finally:
         stop_workers(workers)
-    topk = wire_header(DENSE, CompressionSpec(name="topk", ratio=0.01)).nbytes
+    topk = wire_header(DENSE, CompressionSpec(name="topk", ratio=0.01, dense_below=0)).nbytes
     assert topk / DENSE.nbytes < 0.03
     for record in history:
         assert record["workers"] == 3, record["dropped"]

@@ -50,7 +50,7 @@ async def _job(shards: list[Path], config: dict[str, Any]) -> list[dict[str, Any
 @pytest.mark.parametrize(
     ("compression", "accuracy"),
     [({"name": "none"}, 0.9), ({"name": "float16"}, 0.9), ({"name": "bfloat16"}, 0.9), ({"name": "int8"}, 0.9),
-     ({"name": "topk", "ratio": 0.05}, 0.6)],
+     ({"name": "topk", "ratio": 0.05}, 0.6), ({"name": "topk", "ratio": 0.05, "dense_below": 0}, 0.6)],
 )
 async def test_each_scheme_learns_and_uploads_exactly_its_wire_size(
     digit_shards: tuple[list[Path], Path], tmp_path: Path, compression: dict[str, Any], accuracy: float
