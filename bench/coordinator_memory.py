@@ -238,9 +238,11 @@ def make_shards(folder: Path, count: int, *, samples: int, features: int) -> lis
 
 def job_config(
     urls: list[str], *, megabytes: float, rounds: int, output: Path, concurrent_uploads: int = 4,
-    frozen_backbone: bool = False,
+    frozen_backbone: bool = False, compression: str = "none",
 ) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"megabytes": megabytes, **({"frozen_backbone": True} if frozen_backbone else {})}
+    # int8 and top-k compress deltas: FedAvg of deltas is FedAvg of weights.
+    update = {} if compression == "none" else {"update": "delta", "compression": {"name": compression}}
     return {
         "name": "bench-coordinator-memory",
         "seed": 0,
@@ -249,7 +251,7 @@ def job_config(
         "rounds": rounds,
         "sampling": {"fraction": 1.0, "min_workers": len(urls)},
         "training": {"epochs": 1, "batch_size": 32, "max_steps": 1,
-                     "optimizer": {"name": "sgd", "lr": 0.01}},
+                     "optimizer": {"name": "sgd", "lr": 0.01}, **update},
         "strategy": {"name": "fedavg"},
         "timeouts": {"round": 300},
         "limits": {"concurrent_uploads": concurrent_uploads},
@@ -303,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frozen-backbone", action="store_true",
                         help="freeze all but the output layer (sized_mlp's frozen_backbone): after round 1 only the "
                              "head travels, and the fold leaves the backbone out")
+    parser.add_argument("--compression", default="none", choices=["none", "float16", "bfloat16", "int8", "topk"],
+                        help="training.compression (with update: delta): updates are held compressed and decoded "
+                        "a tensor at a time")
     parser.add_argument("--trace", action="store_true",
                         help="print the coordinator's log with each new heap peak (of 32 MiB more), to see what holds memory")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -341,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {
                     "config": job_config(urls, megabytes=args.megabytes, rounds=args.rounds, output=folder / f"run-{rep}",
                                          concurrent_uploads=args.concurrent_uploads,
-                                         frozen_backbone=args.frozen_backbone),
+                                         frozen_backbone=args.frozen_backbone, compression=args.compression),
                     "threads": args.threads,
                     "heap_interval": args.interval / 2,
                     "trace": args.trace,

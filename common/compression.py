@@ -24,19 +24,21 @@ Schemes, applied to each floating-point tensor (integer and bool buffers travel 
 The wire layout is a function of the dense header and the scheme alone (:func:`wire_header`), so the coordinator
 checks the announced header before a byte of the update moves, exactly as for a plain update. Side tensors are
 named ``compress/scale/<name>`` and ``compress/index/<name>``; the main payload keeps the tensor's own name.
-Decoding (:func:`decompress`) refuses anything a well-behaved worker cannot produce: a scale that is negative or
-not finite, indices out of range, repeated or out of order.
+Decoding (:func:`decompress`, or a tensor at a time with :class:`DecodedState`) refuses anything a well-behaved
+worker cannot produce: a scale that is negative or not finite, indices out of range, repeated or out of order.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Mapping
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedlink.protocol.spill import SLICE_ELEMENTS, LazyState, slices_of, tensor_slices
 from fedlink.protocol.tensors import DTYPES, StateHeader, TensorSpec
 
 from .errors import FedlinkError
@@ -53,6 +55,7 @@ __all__ = [
     "wire_header",
     "compress",
     "decompress",
+    "DecodedState",
     "download_header",
     "cast_download",
 ]
@@ -180,44 +183,150 @@ def _quantise(value: torch.Tensor, generator: torch.Generator) -> tuple[torch.Te
     scale = torch.tensor(largest / 127.0, dtype=torch.float32)
     if largest == 0.0:
         return torch.zeros(value.shape, dtype=torch.int8), scale
-    work = value.to(torch.float64) / float(scale)
-    noise = torch.rand(value.shape, generator=generator, dtype=torch.float64)
-    return torch.floor(work + noise).clamp_(-127, 127).to(torch.int8), scale
+    # A slice at a time: the float64 work and noise of a whole tensor would be four times its size, twice.
+    out = torch.empty(value.shape, dtype=torch.int8)
+    flat, packed = value.reshape(-1), out.view(-1)
+    for start, piece in slices_of(flat):
+        work = piece.to(torch.float64) / float(scale)
+        work += torch.rand(work.shape, generator=generator, dtype=torch.float64)
+        packed[start : start + piece.numel()] = work.floor_().clamp_(-127, 127)
+    return out, scale
 
 
 def decompress(wire: State, header: StateHeader, spec: CompressionSpec) -> State:
-    """The dense update of ``header`` from what the worker sent (already checked against :func:`wire_header`).
-
-    Takes ownership of ``wire``: each tensor is dropped from it as soon as its dense form exists, so decoding
-    holds at most one compressed tensor beside the dense ones.
-    """
+    """The dense update of ``header`` from what the worker sent (already checked against :func:`wire_header`), all
+    at once. The coordinator decodes a tensor at a time instead (:class:`DecodedState`)."""
     if spec.name == "none":
         return wire
-    dense: State = {}
+    decoded = DecodedState(wire, header, spec)
+    return {name: decoded[name] for name in decoded}
+
+
+def _check_wire(wire: Mapping[str, torch.Tensor], header: StateHeader, spec: CompressionSpec) -> None:
+    """Refuse anything a well-behaved worker cannot produce, before a tensor is decoded: every side tensor is
+    checked up front (they are small), so a bad encoding is refused whole and never halfway through a fold."""
     for t in header.tensors:
-        sent = wire.pop(t.name)
-        dtype = DTYPES[t.dtype]
         if t.dtype not in FLOATING:
-            dense[t.name] = sent
-        elif spec.name in ("float16", "bfloat16"):
-            dense[t.name] = sent.to(dtype)
-        elif spec.name == "int8":
-            scale = float(wire.pop(SCALE_PREFIX + t.name))
+            continue
+        if spec.name == "int8":
+            scale = float(wire[SCALE_PREFIX + t.name])
             if not (math.isfinite(scale) and scale >= 0):
                 raise CompressionError(f"tensor {t.name!r}: int8 scale {scale!r} is not a finite non-negative number")
-            dense[t.name] = (sent.to(torch.float64) * scale).to(dtype)
-        elif INDEX_PREFIX + t.name in wire:
-            index = wire.pop(INDEX_PREFIX + t.name).to(torch.int64)
+        elif spec.name == "topk" and INDEX_PREFIX + t.name in wire:
+            index = wire[INDEX_PREFIX + t.name]
             if index.numel() and (int(index[0]) < 0 or int(index[-1]) >= t.numel):
                 raise CompressionError(f"tensor {t.name!r}: top-k index out of range 0..{t.numel - 1}")
             if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
                 raise CompressionError(f"tensor {t.name!r}: top-k indices repeat or are out of order")
-            flat = torch.zeros(t.numel, dtype=dtype)
-            flat[index] = sent
-            dense[t.name] = flat.view(t.shape)
-        else:
-            dense[t.name] = sent
-    return dense
+
+
+def _decode(t: TensorSpec, wire: Mapping[str, torch.Tensor], spec: CompressionSpec) -> torch.Tensor:
+    sent = wire[t.name]
+    dtype = DTYPES[t.dtype]
+    if t.dtype not in FLOATING:
+        return sent
+    if spec.name in ("float16", "bfloat16"):
+        return sent.to(dtype)
+    if spec.name == "int8":
+        return (sent.to(torch.float64) * float(wire[SCALE_PREFIX + t.name])).to(dtype)
+    if INDEX_PREFIX + t.name not in wire:  # a small tensor, sent dense
+        return sent
+    index = wire[INDEX_PREFIX + t.name]
+    flat = torch.zeros(t.numel, dtype=dtype)
+    flat[index.to(torch.int64)] = sent
+    return flat.view(t.shape)
+
+
+class DecodedState(LazyState):
+    """A compressed update decoded only when read: a slice at a time by :func:`tensor_slices` (the check and the
+    fold), a tensor at a time by ``state[name]``. Folding it holds the update as sent (in memory, or on disk when
+    it was spilled) and one decoded slice, never the dense update: decoded whole, an int8 update waiting for its
+    turn in the fold would hold four times its wire size, and a top-k 1% one fifty times.
+
+    Reading a tensor twice decodes it twice (the scan, then the fold): decoding costs far less than holding it.
+    Every side tensor (scales, indices) is checked when the state is made, so a hostile encoding is refused before
+    any of it is read (:class:`CompressionError`).
+    """
+
+    def __init__(self, wire: Mapping[str, torch.Tensor], header: StateHeader, spec: CompressionSpec) -> None:
+        _check_wire(wire, header, spec)
+        self._wire = wire
+        self._specs = header.by_name()
+        self._spec = spec
+        self._held: dict[str, torch.Tensor] = {}
+        self._order = tuple(self._specs)
+        self._names = frozenset(self._order)
+        self.peaks: dict[str, float] | None = None
+
+    def with_held(self, order: tuple[str, ...], held: Mapping[str, torch.Tensor]) -> "DecodedState":
+        missing = [name for name in order if name not in self._specs and name not in held]
+        if missing:
+            raise KeyError(f"no tensor {missing[0]!r} in the update")
+        out = DecodedState.__new__(DecodedState)
+        out._wire, out._specs, out._spec, out.peaks = self._wire, self._specs, self._spec, None
+        out._held = {**self._held, **held}
+        out._order, out._names = order, frozenset(order)
+        return out
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        held = self._held.get(name)
+        return held if held is not None else _decode(self._specs[name], self._wire, self._spec)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        held = self._held.get(name)
+        if held is not None:
+            return held.dtype, tuple(held.shape)
+        spec = self._specs[name]
+        return DTYPES[spec.dtype], spec.shape
+
+    def slices(self, name: str, elements: int = SLICE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+        """Tensor ``name`` decoded a slice at a time, at the same boundaries and to the same bits as slicing the
+        whole decoded tensor: checking and folding a tensor of any size holds one decoded slice."""
+        held = self._held.get(name)
+        if held is not None:
+            yield from slices_of(held, elements)
+            return
+        t = self._specs[name]
+        sparse = self._spec.name == "topk" and INDEX_PREFIX + name in self._wire
+        if t.dtype not in FLOATING or (self._spec.name == "topk" and not sparse):
+            yield from tensor_slices(self._wire, name, elements)  # sent as it is
+            return
+        dtype = DTYPES[t.dtype]
+        # Decoded into one buffer per tensor, reused slice after slice (as a spilled state reads them): a fresh
+        # buffer per slice left the allocator holding freed memory in every thread that decoded one.
+        part = torch.empty(min(elements, t.numel), dtype=dtype)
+        if not sparse:  # a cast or int8: element for element, read a slice at a time (from disk if spilled)
+            int8 = self._spec.name == "int8"
+            scale = float(self._wire[SCALE_PREFIX + name]) if int8 else 1.0
+            wide = torch.empty(part.numel(), dtype=torch.float64) if int8 else part
+            for start, piece in tensor_slices(self._wire, name, elements):
+                out, exact = part[: piece.numel()], wide[: piece.numel()]
+                exact.copy_(piece.reshape(-1))
+                if int8:  # the same bits as (q.to(float64) * scale).to(dtype)
+                    out.copy_(exact.mul_(scale))
+                yield start, out
+            return
+        # Top-k indices are sorted (checked): each slice's entries are one run of them. Indices and values are
+        # a hundredth of the tensor: read whole.
+        index, sent = self._wire[INDEX_PREFIX + name], self._wire[name]
+        for start in range(0, t.numel, elements):
+            stop = min(start + elements, t.numel)
+            bounds = torch.searchsorted(index, torch.tensor([start, stop], dtype=index.dtype))
+            first, last = int(bounds[0]), int(bounds[1])
+            out = part[: stop - start].zero_()
+            out[index[first:last].to(torch.int64) - start] = sent[first:last]
+            yield start, out
 
 
 def download_header(header: StateHeader, dtype: DownloadDtype) -> StateHeader:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO
@@ -24,7 +25,10 @@ import torch
 from .errors import TransferError
 from .tensors import DTYPES, StateHeader, TensorSpec
 
-__all__ = ["memory_backed", "Spill", "SpillAssembler", "SpilledState", "SLICE_ELEMENTS", "tensor_slices", "tensor_meta", "slices_of", "subset"]
+__all__ = [
+    "memory_backed", "Spill", "SpillAssembler", "LazyState", "SpilledState", "SLICE_ELEMENTS", "tensor_slices",
+    "tensor_meta", "slices_of", "subset",
+]
 
 #: Elements per slice when a tensor is read, checked or folded in pieces (4 MiB of float32). A power of two, so
 #: slicing never moves a vectorised kernel's tail and both ways of holding an update fold to the same bits.
@@ -135,12 +139,35 @@ class _Span:
     offset: int
 
 
-class SpilledState(Mapping[str, torch.Tensor]):
+class LazyState(Mapping[str, torch.Tensor]):
+    """A state whose tensors are made only when read: from a spill file (:class:`SpilledState`), or decoded from a
+    compressed update (``fedlink.compression.DecodedState``). :func:`tensor_meta`, :func:`tensor_slices` and
+    :func:`subset` read one through these methods, so a check or a fold never holds more than one tensor of it.
+
+    ``peaks`` is filled by whoever scans the state once (the largest ``|x|`` per tensor), so the fold need not read
+    it a second time to learn them.
+    """
+
+    peaks: dict[str, float] | None
+
+    @abstractmethod
+    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """Tensor ``name``'s dtype and shape, without making it."""
+
+    @abstractmethod
+    def slices(self, name: str, elements: int = SLICE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first element, flat slice)`` pieces of tensor ``name``; each valid until the next is taken."""
+
+    @abstractmethod
+    def with_held(self, order: tuple[str, ...], held: Mapping[str, torch.Tensor]) -> "LazyState":
+        """The same state with tensors added from memory, in ``order`` (which may also leave some out)."""
+
+
+class SpilledState(LazyState):
     """A state whose tensors live in a spill file, in header order, plus optional tensors held in memory.
 
     ``state[name]`` reads a whole tensor (for the few consumers that need one, such as a robust strategy's
-    per-tensor median); :func:`tensor_slices` reads one slice at a time. ``peaks`` is filled by whoever scans the
-    state once (the largest ``|x|`` per tensor), so the fold need not read it a second time to learn them.
+    per-tensor median); :func:`tensor_slices` reads one slice at a time.
     """
 
     def __init__(self, file: IO[bytes], header: StateHeader) -> None:
@@ -245,14 +272,14 @@ def slices_of(tensor: torch.Tensor, elements: int = SLICE_ELEMENTS) -> Iterable[
 
 def subset(state: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> Mapping[str, torch.Tensor]:
     """The tensors ``names`` of ``state``, in that order, without reading a spilled tensor back."""
-    if isinstance(state, SpilledState):
+    if isinstance(state, LazyState):
         return state.with_held(names, {})
     return {name: state[name] for name in names}
 
 
 def tensor_meta(state: Mapping[str, torch.Tensor], name: str) -> tuple[torch.dtype, tuple[int, ...]]:
     """Tensor ``name``'s dtype and shape, without reading a spilled tensor back."""
-    if isinstance(state, SpilledState):
+    if isinstance(state, LazyState):
         return state.meta(name)
     tensor = state[name]
     return tensor.dtype, tuple(tensor.shape)
@@ -261,8 +288,8 @@ def tensor_meta(state: Mapping[str, torch.Tensor], name: str) -> tuple[torch.dty
 def tensor_slices(
     state: Mapping[str, torch.Tensor], name: str, elements: int = SLICE_ELEMENTS
 ) -> Iterable[tuple[int, torch.Tensor]]:
-    """Tensor ``name`` of ``state`` in pieces, read from disk if ``state`` was spilled (each piece valid until the
-    next is taken), views otherwise."""
-    if isinstance(state, SpilledState):
+    """Tensor ``name`` of ``state`` in pieces, read from disk if ``state`` was spilled or decoded if it was
+    compressed (each piece valid until the next is taken), views otherwise."""
+    if isinstance(state, LazyState):
         return state.slices(name, elements)
     return slices_of(state[name], elements)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlink.protocol.spill import SpilledState, slices_of, tensor_meta, tensor_slices
+from fedlink.protocol.spill import LazyState, slices_of, tensor_meta, tensor_slices
 
 __all__ = [
     "WeightedSum",
@@ -31,6 +31,7 @@ __all__ = [
     "accumulator_dtype",
     "non_finite",
     "add_scaled",
+    "add_into",
     "weighted_mean",
     "coordinate_median",
     "trim_count",
@@ -201,6 +202,20 @@ def add_scaled(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tens
     return out
 
 
+def add_into(update: dict[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``base + update``, written into ``update``'s own tensors where the dtypes agree: for a caller that owns the
+    update and gives it up (a round's fresh mean delta), so applying it takes no third model's worth of memory.
+    The same bits as :func:`add_scaled` (floating-point addition is commutative); other tensors as there."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in base.items():
+        mine = update.get(name)
+        if mine is not None and value.is_floating_point() and mine.dtype == value.dtype and mine.shape == value.shape:
+            out[name] = mine.add_(value)
+        else:
+            out[name] = add_scaled({name: value}, {name: mine} if mine is not None else {})[name]
+    return out
+
+
 def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or infinity."""
     return [name for name in state if _floating(_dtype_of(state, name)) and not _all_finite(state, name)]
@@ -264,7 +279,7 @@ class UpdateScan:
 
 def scan_update(state: Mapping[str, torch.Tensor]) -> UpdateScan:
     """One read of ``state``, a slice at a time (a spilled update is read back once, not three times); a
-    :class:`~fedlink.protocol.spill.SpilledState` or :class:`Scanned` keeps the peaks for the fold."""
+    :class:`~fedlink.protocol.spill.LazyState` or :class:`Scanned` keeps the peaks for the fold."""
     total = 0.0
     bad: list[str] = []
     peaks: dict[str, float] = {}
@@ -281,7 +296,7 @@ def scan_update(state: Mapping[str, torch.Tensor]) -> UpdateScan:
         peaks[name] = peak
         if not finite:
             bad.append(name)
-    if isinstance(state, (SpilledState, Scanned)):
+    if isinstance(state, (LazyState, Scanned)):
         state.peaks = peaks
     norm = math.sqrt(total) if math.isfinite(total) and not bad else math.inf
     return UpdateScan(norm=norm, non_finite=tuple(bad), peaks=peaks)
@@ -295,7 +310,7 @@ class Scanned(dict[str, torch.Tensor]):
 
 def tensor_peaks(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """The largest ``|x|`` of each tensor: kept from :func:`scan_update` where it was scanned, computed otherwise."""
-    if isinstance(state, (SpilledState, Scanned)) and state.peaks is not None:
+    if isinstance(state, (LazyState, Scanned)) and state.peaks is not None:
         return state.peaks
     return {name: max((_abs_max(part) for _, part in tensor_slices(state, name)), default=0.0) for name in state}
 

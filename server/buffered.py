@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from fedlink.protocol.errors import ProtocolError
 from fedlink.protocol.messages import TrainRequest, TrainResult
@@ -124,9 +126,10 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
                 async with uploads:
                     state = await inbound.fetch(expected=transfer.wire_header)
                 outcome.download_bytes, outcome.upload_bytes = sent_header.nbytes, transfer.wire_header.nbytes
+            received: Mapping[str, torch.Tensor] = state
             if transfer.compression.name != "none":
-                state = await asyncio.to_thread(transfer.decode, state)
-            update = transfer.complete(state, base_state, result.update)
+                received = await asyncio.to_thread(transfer.decode, state)
+            update = transfer.complete(received, base_state, result.update)
             await asyncio.to_thread(check_update, update, max_update_norm=config.limits.max_update_norm)
         except TimeoutError:
             outcome.reason = f"no update within timeouts.round ({config.timeouts.round:g}s)"

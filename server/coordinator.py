@@ -329,7 +329,7 @@ class Coordinator:
                     min_workers=config.sampling.min_workers,
                     run_id=self.run_id,
                     concurrent_uploads=upload_slots(
-                        config.limits, update_header, spills=self.transfer.compression.name == "none"
+                        config.limits, update_header, spills=True, compression=self.transfer.compression
                     ),
                     observer=self.progress,
                     max_samples=self._sample_caps(selected),

@@ -36,7 +36,7 @@ from fedlink.compression import (
     CompressionSpec,
     DownloadDtype,
     cast_download,
-    decompress,
+    DecodedState,
     download_header,
     wire_header,
 )
@@ -44,7 +44,7 @@ from fedlink.protocol import capabilities
 from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import HookSpec, StateCache, TrainingPlan, UpdateKind
 from fedlink.protocol.session import Session
-from fedlink.protocol.spill import SpilledState, subset
+from fedlink.protocol.spill import LazyState, subset
 from fedlink.protocol.tensors import DTYPES, State, StateHeader
 
 from .errors import InvalidUpdate
@@ -55,16 +55,26 @@ __all__ = ["TransferFormat", "WorkerTransfer", "upload_slots"]
 log = logging.getLogger("fedlink.server")
 
 
-def upload_slots(limits: Limits, update_header: StateHeader, *, spills: bool = False) -> int:
+def upload_slots(
+    limits: Limits, update_header: StateHeader, *, spills: bool = False, compression: CompressionSpec | None = None
+) -> int:
     """How many updates may be received or wait for their turn at once: ``limits.concurrent_uploads``, fewer when
     that many updates held in memory would take more than ``limits.upload_buffer_bytes``.
 
-    With ``spills`` (the train stage of an uncompressed run) an update of at least ``limits.spill_bytes`` waits
-    on disk, not in memory (see :mod:`fedlink.protocol.spill`), so it takes no room in the buffer.
+    With ``spills`` (the train stage) an update of at least ``limits.spill_bytes`` as sent waits on disk, not in
+    memory (see :mod:`fedlink.protocol.spill`), so it takes no room in the buffer. A compressed update
+    (``compression``) waits as sent, and is decoded a slice at a time as it is checked and folded
+    (:class:`~fedlink.compression.DecodedState`); a worker that does not offer the scheme sends a plain one.
     """
-    if spills and update_header.nbytes >= limits.spill_bytes:
+    def in_memory(nbytes: int) -> int:
+        return 0 if spills and nbytes >= limits.spill_bytes else nbytes
+
+    held = in_memory(update_header.nbytes)
+    if compression is not None and compression.name != "none":
+        held = max(held, in_memory(wire_header(update_header, compression).nbytes))
+    if held == 0:
         return limits.concurrent_uploads
-    return max(1, min(limits.concurrent_uploads, limits.upload_buffer_bytes // max(1, update_header.nbytes)))
+    return max(1, min(limits.concurrent_uploads, limits.upload_buffer_bytes // held))
 
 
 @dataclass(frozen=True)
@@ -78,11 +88,12 @@ class WorkerTransfer:
     wire_header: StateHeader  # what the worker sends: ``sent_header`` under ``compression``
     compression: CompressionSpec
 
-    def decode(self, wire: State) -> State:
-        """The dense update from what arrived (already checked against ``wire_header``); a bad encoding is the
-        worker's fault and drops it from the round like any other invalid update."""
+    def decode(self, wire: Mapping[str, torch.Tensor]) -> DecodedState:
+        """The dense update from what arrived (already checked against ``wire_header``), decoded a tensor at a
+        time as the check and the fold read it; a bad encoding is the worker's fault and drops it from the round
+        like any other invalid update, before any of it is folded."""
         try:
-            return decompress(wire, self.sent_header, self.compression)
+            return DecodedState(wire, self.sent_header, self.compression)
         except CompressionError as exc:
             raise InvalidUpdate(f"undecodable {self.compression.name} update: {exc}") from None
 
@@ -102,7 +113,7 @@ class WorkerTransfer:
             else:
                 known[spec.name] = torch.zeros((), dtype=DTYPES[spec.dtype]).expand(spec.shape)
         order = tuple(spec.name for spec in self.update_header.tensors)
-        if isinstance(sent, SpilledState):
+        if isinstance(sent, LazyState):
             return sent.with_held(order, known)
         return {name: known[name] if name in known else sent[name] for name in order}
 

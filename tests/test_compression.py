@@ -13,6 +13,7 @@ from fedlink.compression import (
     CompressionError,
     CompressionHook,
     CompressionSpec,
+    DecodedState,
     cast_download,
     compress,
     decompress,
@@ -20,7 +21,9 @@ from fedlink.compression import (
     wire_header,
 )
 from fedlink.hooks import HookContext
+from fedlink.protocol.spill import slices_of, subset, tensor_meta, tensor_slices
 from fedlink.protocol.tensors import StateHeader, header_of
+from fedlink.server.aggregate import WeightedSum, scan_update, tensor_peaks
 
 State = dict[str, torch.Tensor]
 
@@ -48,6 +51,49 @@ def test_wire_header_is_what_compress_sends_and_decoding_restores_the_dense_head
     dense, _ = through(value, CompressionSpec(name=name, ratio=0.05))
     assert header_of(dense) == header_of(value)
     assert torch.equal(dense["bn.num_batches_tracked"], value["bn.num_batches_tracked"])  # integers travel as they are
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "int8", "topk"])
+def test_a_decoded_state_reads_and_folds_to_the_same_bits_as_the_whole_decode(name: str) -> None:
+    """The coordinator's path (a tensor decoded when read, checked, then folded) against decoding at once."""
+    value, spec = update(), CompressionSpec(name=name, ratio=0.05, dense_below=0)
+    wire, _ = compress(value, spec, generator=torch.Generator().manual_seed(1))
+    header = header_of(value)
+    whole = decompress(dict(wire), header, spec)
+    lazy = DecodedState(dict(wire), header, spec)
+    assert list(lazy) == list(header.by_name()) and len(lazy) == len(whole)
+    assert all(tensor_meta(lazy, k) == (v.dtype, tuple(v.shape)) for k, v in whole.items())
+    assert all(torch.equal(lazy[k], v) for k, v in whole.items())
+    for k, v in whole.items():  # decoded a slice at a time: the same boundaries and bits as slicing the whole
+        pieces = [(start, part.clone()) for start, part in tensor_slices(lazy, k, 64)]
+        expected = list(slices_of(v, 64))
+        assert [s for s, _ in pieces] == [s for s, _ in expected]
+        assert all(torch.equal(p.reshape(-1), e.reshape(-1)) for (_, p), (_, e) in zip(pieces, expected))
+    scan = scan_update(lazy)
+    assert scan == scan_update(whole) and tensor_peaks(lazy) is scan.peaks  # the fold does not look again
+    sums = []
+    for state in (whole, lazy):
+        total = WeightedSum()
+        total.add(update(5), 2.0)
+        total.add(state, 3.0)
+        sums.append(total.mean())
+    assert all(torch.equal(sums[0][k], sums[1][k]) for k in sums[0])
+
+
+def test_a_decoded_state_makes_a_dense_tensor_only_when_read_and_keeps_none() -> None:
+    value, spec = {"w": torch.randn(3000)}, CompressionSpec(name="topk", ratio=0.01, dense_below=0)
+    wire, _ = compress(value, spec, generator=torch.Generator())
+    lazy = DecodedState(wire, header_of(value), spec)
+    assert lazy["w"] is not lazy["w"]  # decoded on each read, never cached beside the compressed update
+    slices = list(tensor_slices(lazy, "w", 1000))
+    assert [start for start, _ in slices] == [0, 1000, 2000]
+    # Frozen tensors the worker left out join as held tensors; the compressed ones stay compressed.
+    part = subset(lazy, ("w",))
+    assert isinstance(part, DecodedState)
+    held = part.with_held(("frozen", "w"), {"frozen": torch.ones(2)})
+    assert list(held) == ["frozen", "w"] and torch.equal(held["w"], lazy["w"])
+    with pytest.raises(KeyError, match="'gone'"):
+        lazy.with_held(("gone",), {})
 
 
 def test_bytes_on_the_wire_shrink_as_each_scheme_promises() -> None:
@@ -165,7 +211,7 @@ def test_a_hostile_topk_index_is_refused_by_name(index: list[int], problem: str)
     wire, header, spec = _topk_wire()
     wire[INDEX_PREFIX + "w"] = torch.tensor(index, dtype=torch.int32)
     with pytest.raises(CompressionError, match=f"tensor 'w': top-k.*{problem}"):
-        decompress(wire, header, spec)
+        DecodedState(wire, header, spec)  # refused whole, before any tensor is read and folded
 
 
 @pytest.mark.parametrize("scale", [-1.0, math.inf, math.nan])

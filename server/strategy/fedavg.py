@@ -37,7 +37,7 @@ class FedAvg(Strategy):
         return MeanAggregation(global_state, self._finish)
 
     def _finish(self, kind: UpdateKind, global_state: State, mean: State) -> State:
-        return to_global(kind, global_state, mean, self._sgd)
+        return to_global(kind, global_state, mean, self._sgd, owned=True)  # the round's own fresh mean
 
     def apply_gradient(self, global_state: State, gradient: State) -> State:
         """One SGD step (with heavy-ball momentum if set) on the parameters the gradient covers."""

@@ -26,7 +26,7 @@ import torch
 from fedlink.protocol.messages import UpdateKind
 from fedlink.protocol.tensors import State
 
-from ..aggregate import WeightedSum, accumulator_dtype, add_scaled
+from ..aggregate import WeightedSum, accumulator_dtype, add_into, add_scaled
 from .base import Aggregation, ClientUpdate, check_float
 
 __all__ = ["same_kind", "MeanAggregation", "ServerSGD", "to_global", "apply_pseudo_gradient", "load_tensor_groups"]
@@ -92,12 +92,13 @@ class ServerSGD:
         self._velocity = load_tensor_groups(state, ("velocity",), owner="server SGD").get("velocity", {})
 
 
-def to_global(kind: UpdateKind, global_state: State, combined: State, sgd: ServerSGD) -> State:
-    """FedAvg's rule: the combined update, in the workers' representation, as the next global state."""
+def to_global(kind: UpdateKind, global_state: State, combined: State, sgd: ServerSGD, *, owned: bool = False) -> State:
+    """FedAvg's rule: the combined update, in the workers' representation, as the next global state. With
+    ``owned`` (a fresh mean no one else holds) a delta is added into the combined update's own tensors."""
     if kind == "weights":
         return combined
     if kind == "delta":
-        return add_scaled(global_state, combined)
+        return add_into(combined, global_state) if owned else add_scaled(global_state, combined)
     if kind == "gradients":
         return sgd.step(global_state, combined)
     raise ValueError(f"unknown update kind {kind!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlink.server.aggregate import WeightedSum, add_scaled, non_finite
+from fedlink.server.aggregate import WeightedSum, add_into, add_scaled, non_finite
 
 
 def test_weighted_mean_by_sample_counts() -> None:
@@ -45,6 +45,21 @@ def test_refuses_bad_weights_and_mismatched_updates() -> None:
         acc.add({"v": torch.zeros(1)}, 1)
     with pytest.raises(ValueError):
         WeightedSum().mean()
+
+
+def test_add_into_gives_add_scaleds_bits_in_the_updates_own_memory() -> None:
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(1000, generator=g), "h": torch.randn(8, generator=g).half(), "n": torch.tensor(3),
+            "frozen": torch.ones(2)}
+    update = {"w": torch.randn(1000, generator=g) * 1e-3, "h": torch.randn(8, generator=g).half(), "n": torch.tensor(9)}
+    update["w"][:3] = torch.tensor([-0.0, 0.0, float("inf")])
+    expected = add_scaled(base, update)
+    storage = update["w"].data_ptr()
+    out = add_into(dict(update), base)
+    assert list(out) == list(base) and all(torch.equal(out[k], expected[k]) for k in ("h", "n", "frozen"))
+    assert torch.equal(out["w"], expected["w"]) and (out["w"].signbit() == expected["w"].signbit()).all()
+    assert out["w"].data_ptr() == storage  # no third model's worth: the delta's memory holds the new model
+    assert out["frozen"] is base["frozen"] and out["n"].dtype == torch.int64
 
 
 def test_add_scaled_and_non_finite() -> None:

@@ -17,10 +17,13 @@ FROZEN = {"factory": "fedlink.models:sized_mlp",
           "kwargs": {"megabytes": 0.25, "in_features": 64, "num_classes": 10, "frozen_backbone": True}}
 
 
-def _config(out: Path, *, model: dict[str, Any], update: str, strategy: str, limits: dict[str, Any]) -> dict[str, Any]:
+def _config(
+    out: Path, *, model: dict[str, Any], update: str, strategy: str, limits: dict[str, Any], compression: str = "none"
+) -> dict[str, Any]:
     return {
         "name": "spill", "seed": 5, "model": model, "rounds": 2, "output": str(out),
-        "training": {"update": update, "epochs": 2, "optimizer": {"lr": 0.05, "momentum": 0.9}},
+        "training": {"update": update, "epochs": 2, "optimizer": {"lr": 0.05, "momentum": 0.9},
+                     "compression": {"name": compression, "ratio": 0.05, "dense_below": 0}},
         "strategy": {"name": strategy, **({"num_byzantine": 0} if strategy == "krum" else {})},
         **({"sampling": {"min_workers": 3}} if strategy == "krum" else {}),
         "limits": limits,
@@ -28,17 +31,22 @@ def _config(out: Path, *, model: dict[str, Any], update: str, strategy: str, lim
 
 
 @pytest.mark.parametrize(
-    ("model", "update", "strategy"),
+    ("model", "update", "strategy", "compression"),
     [
-        (MLP, "delta", "fedavg"),
-        (MLP, "weights", "median"),  # a robust strategy reads each spilled update's tensors whole
-        (FROZEN, "weights", "fedavg"),  # frozen parameters stay out of the fold
-        (FROZEN, "delta", "krum"),  # Krum's pick lacks them too: the round keeps them from the global model
+        (MLP, "delta", "fedavg", "none"),
+        (MLP, "weights", "median", "none"),  # a robust strategy reads each spilled update's tensors whole
+        (FROZEN, "weights", "fedavg", "none"),  # frozen parameters stay out of the fold
+        (FROZEN, "delta", "krum", "none"),  # Krum's pick lacks them too: the round keeps them from the global model
+        # Compressed updates go to disk as sent, and are decoded from there a slice at a time.
+        (MLP, "delta", "fedavg", "int8"),
+        (FROZEN, "delta", "fedavg", "topk"),
+        (MLP, "delta", "median", "float16"),
     ],
-    ids=["fedavg-delta", "median-weights", "frozen-backbone", "frozen-krum"],
+    ids=["fedavg-delta", "median-weights", "frozen-backbone", "frozen-krum", "int8", "frozen-topk", "median-float16"],
 )
 async def test_a_run_whose_updates_go_to_disk_ends_with_the_same_bits_and_leaves_nothing_behind(
-    digit_shards: tuple[list[Path], Path], tmp_path: Path, model: dict[str, Any], update: str, strategy: str
+    digit_shards: tuple[list[Path], Path], tmp_path: Path, model: dict[str, Any], update: str, strategy: str,
+    compression: str,
 ) -> None:
     shards, _ = digit_shards
     spill_dir = tmp_path / "spill"
@@ -48,7 +56,9 @@ async def test_a_run_whose_updates_go_to_disk_ends_with_the_same_bits_and_leaves
         ("memory", {"spill_bytes": 1 << 40}),
         ("disk", {"spill_bytes": 0, "spill_dir": str(spill_dir)}),
     ):
-        config = _config(tmp_path / name, model=model, update=update, strategy=strategy, limits=limits)
+        config = _config(
+            tmp_path / name, model=model, update=update, strategy=strategy, limits=limits, compression=compression
+        )
         async with in_memory_workers(shards) as remotes:
             coordinator = coordinator_for(remotes, config)
             history = await coordinator.run()
