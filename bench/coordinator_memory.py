@@ -2,6 +2,7 @@
 
     python bench/coordinator_memory.py                  # 8 workers, 50 MB, 3 repetitions of 2 rounds
     python bench/coordinator_memory.py --workers 4 --megabytes 200 --reps 1 --rounds 3
+    python bench/coordinator_memory.py --workers 3 --megabytes 400 --compression int8   # compressed updates
 
 Eight ``fl-worker`` processes (``--threads 1``) are started once on tiny random shards (64 samples of 64 float32
 features), and serve every repetition. Each repetition runs the coordinator in a fresh child process (this script
