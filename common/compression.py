@@ -38,7 +38,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedlink.protocol.spill import SLICE_ELEMENTS, LazyState, slices_of, tensor_slices
+from fedlink.protocol.spill import LazyState, slices_of, tensor_slices
 from fedlink.protocol.tensors import DTYPES, StateHeader, TensorSpec
 
 from .errors import FedlinkError
@@ -253,50 +253,21 @@ class DecodedState(LazyState):
         self._wire = wire
         self._specs = header.by_name()
         self._spec = spec
-        self._held: dict[str, torch.Tensor] = {}
-        self._order = tuple(self._specs)
-        self._names = frozenset(self._order)
-        self.peaks: dict[str, float] | None = None
+        super().__init__(tuple(self._specs))
 
-    def with_held(self, order: tuple[str, ...], held: Mapping[str, torch.Tensor]) -> "DecodedState":
-        missing = [name for name in order if name not in self._specs and name not in held]
-        if missing:
-            raise KeyError(f"no tensor {missing[0]!r} in the update")
-        out = DecodedState.__new__(DecodedState)
-        out._wire, out._specs, out._spec, out.peaks = self._wire, self._specs, self._spec, None
-        out._held = {**self._held, **held}
-        out._order, out._names = order, frozenset(order)
-        return out
+    def _has(self, name: str) -> bool:
+        return name in self._specs
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise KeyError(name)
-        held = self._held.get(name)
-        return held if held is not None else _decode(self._specs[name], self._wire, self._spec)
+    def _make(self, name: str) -> torch.Tensor:
+        return _decode(self._specs[name], self._wire, self._spec)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._order)
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        held = self._held.get(name)
-        if held is not None:
-            return held.dtype, tuple(held.shape)
+    def _meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         spec = self._specs[name]
         return DTYPES[spec.dtype], spec.shape
 
-    def slices(self, name: str, elements: int = SLICE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
-        """Tensor ``name`` decoded a slice at a time, at the same boundaries and to the same bits as slicing the
-        whole decoded tensor: checking and folding a tensor of any size holds one decoded slice."""
-        held = self._held.get(name)
-        if held is not None:
-            yield from slices_of(held, elements)
-            return
+    def _slices(self, name: str, elements: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Decoded a slice at a time, at the same boundaries and to the same bits as slicing the whole decoded
+        tensor: checking and folding a tensor of any size holds one decoded slice."""
         t = self._specs[name]
         sparse = self._spec.name == "topk" and INDEX_PREFIX + name in self._wire
         if t.dtype not in FLOATING or (self._spec.name == "topk" and not sparse):

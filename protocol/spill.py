@@ -13,12 +13,13 @@ which the kernel reclaims under pressure, and do not count against the process's
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TypeVar
 
 import torch
 
@@ -139,71 +140,58 @@ class _Span:
     offset: int
 
 
+_Lazy = TypeVar("_Lazy", bound="LazyState")
+
+
 class LazyState(Mapping[str, torch.Tensor]):
     """A state whose tensors are made only when read: from a spill file (:class:`SpilledState`), or decoded from a
-    compressed update (``fedlink.compression.DecodedState``). :func:`tensor_meta`, :func:`tensor_slices` and
-    :func:`subset` read one through these methods, so a check or a fold never holds more than one tensor of it.
+    compressed update (``fedlink.compression.DecodedState``), in the sender's order, plus tensors held in memory
+    (frozen parameters the worker did not send). :func:`tensor_meta`, :func:`tensor_slices` and :func:`subset`
+    read one through :meth:`meta`, :meth:`slices` and :meth:`with_held`, so a check or a fold holds one slice of
+    it; ``state[name]`` makes a whole tensor, for the few readers that need one (a robust strategy's median).
 
     ``peaks`` is filled by whoever scans the state once (the largest ``|x|`` per tensor), so the fold need not read
-    it a second time to learn them.
+    it a second time to learn them. A subclass says what it has and makes its tensors; this class keeps the order
+    and the held tensors.
     """
 
-    peaks: dict[str, float] | None
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self._held: dict[str, torch.Tensor] = {}
+        self._order = names
+        self._names = frozenset(names)
+        self.peaks: dict[str, float] | None = None
 
     @abstractmethod
-    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    def _has(self, name: str) -> bool:
+        """Whether the subclass can make tensor ``name``."""
+
+    @abstractmethod
+    def _make(self, name: str) -> torch.Tensor:
+        """The whole tensor ``name``, made anew."""
+
+    @abstractmethod
+    def _meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """Tensor ``name``'s dtype and shape, without making it."""
 
     @abstractmethod
-    def slices(self, name: str, elements: int = SLICE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(first element, flat slice)`` pieces of tensor ``name``; each valid until the next is taken."""
+    def _slices(self, name: str, elements: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Tensor ``name``'s ``(first element, flat slice)`` pieces; each may be overwritten by the next."""
 
-    @abstractmethod
-    def with_held(self, order: tuple[str, ...], held: Mapping[str, torch.Tensor]) -> "LazyState":
+    def with_held(self: _Lazy, order: tuple[str, ...], held: Mapping[str, torch.Tensor]) -> _Lazy:
         """The same state with tensors added from memory, in ``order`` (which may also leave some out)."""
-
-
-class SpilledState(LazyState):
-    """A state whose tensors live in a spill file, in header order, plus optional tensors held in memory.
-
-    ``state[name]`` reads a whole tensor (for the few consumers that need one, such as a robust strategy's
-    per-tensor median); :func:`tensor_slices` reads one slice at a time.
-    """
-
-    def __init__(self, file: IO[bytes], header: StateHeader) -> None:
-        self._file = file
-        self._spans: dict[str, _Span] = {}
-        offset = 0
-        for spec in header.tensors:
-            self._spans[spec.name] = _Span(spec, offset)
-            offset += spec.nbytes
-        self._held: dict[str, torch.Tensor] = {}
-        self._order = tuple(self._spans)
-        self._names = frozenset(self._order)
-        self.peaks: dict[str, float] | None = None
-
-    def with_held(self, order: tuple[str, ...], held: Mapping[str, torch.Tensor]) -> "SpilledState":
-        """The same file with tensors added from memory (frozen parameters the worker did not send), in ``order``
-        (which may also leave some out)."""
-        out = SpilledState.__new__(SpilledState)
-        out._file, out._spans, out.peaks = self._file, self._spans, None
+        out = copy.copy(self)
         out._held = {**self._held, **held}
-        out._order, out._names = order, frozenset(order)
-        missing = [name for name in order if name not in out._spans and name not in out._held]
+        out._order, out._names, out.peaks = order, frozenset(order), None
+        missing = [name for name in order if name not in out._held and not self._has(name)]
         if missing:
-            raise KeyError(f"no tensor {missing[0]!r} in the spilled state")
+            raise KeyError(f"no tensor {missing[0]!r} in the received state")
         return out
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
             raise KeyError(name)
         held = self._held.get(name)
-        if held is not None:
-            return held
-        span = self._spans[name]
-        out = torch.empty(span.spec.numel, dtype=DTYPES[span.spec.dtype])
-        self._read_into(span, 0, out)
-        return out.reshape(span.spec.shape)
+        return held if held is not None else self._make(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
@@ -215,22 +203,48 @@ class SpilledState(LazyState):
         return len(self._order)
 
     def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        """Tensor ``name``'s dtype and shape, without reading it."""
+        """Tensor ``name``'s dtype and shape, without making it."""
+        held = self._held.get(name)
+        return (held.dtype, tuple(held.shape)) if held is not None else self._meta(name)
+
+    def slices(self, name: str, elements: int = SLICE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first element, flat slice)`` pieces of tensor ``name``: each may be overwritten by the next, so use it
+        (or copy it) before taking the next."""
         held = self._held.get(name)
         if held is not None:
-            return held.dtype, tuple(held.shape)
+            return iter(slices_of(held, elements))
+        return self._slices(name, elements)
+
+
+class SpilledState(LazyState):
+    """A state whose tensors live in a spill file, in header order, plus optional tensors held in memory."""
+
+    def __init__(self, file: IO[bytes], header: StateHeader) -> None:
+        self._file = file
+        self._spans: dict[str, _Span] = {}
+        offset = 0
+        for spec in header.tensors:
+            self._spans[spec.name] = _Span(spec, offset)
+            offset += spec.nbytes
+        super().__init__(tuple(self._spans))
+
+    def _has(self, name: str) -> bool:
+        return name in self._spans
+
+    def _make(self, name: str) -> torch.Tensor:
+        span = self._spans[name]
+        out = torch.empty(span.spec.numel, dtype=DTYPES[span.spec.dtype])
+        self._read_into(span, 0, out)
+        return out.reshape(span.spec.shape)
+
+    def _meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         spec = self._spans[name].spec
         return DTYPES[spec.dtype], spec.shape
 
-    def slices(self, name: str, elements: int = SLICE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(first element, flat slice)`` pieces of tensor ``name``, read from the file into one buffer: each slice
-        is overwritten by the next, so use it (or copy it) before taking the next. One buffer rather than one per
-        slice: a 400 MB update is read twice (checked, then folded), and a fresh 4 MiB buffer per slice left the
-        allocator holding freed memory in every thread that read one."""
-        held = self._held.get(name)
-        if held is not None:
-            yield from slices_of(held, elements)
-            return
+    def _slices(self, name: str, elements: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Read from the file into one buffer. One buffer rather than one per slice: a 400 MB update is read twice
+        (checked, then folded), and a fresh 4 MiB buffer per slice left the allocator holding freed memory in every
+        thread that read one."""
         span = self._spans[name]
         numel = span.spec.numel
         buffer = torch.empty(min(elements, numel), dtype=DTYPES[span.spec.dtype])
