@@ -234,7 +234,7 @@ class TrainStage(Stage[None]):
         # (kept with the update). A small update is scanned at once: a thread hand-off would cost more than the scan.
         if isinstance(state, dict):
             state = Scanned(state)
-        if transfer.wire_header.nbytes < _SCAN_INLINE_BYTES:
+        if transfer.sent_header.nbytes < _SCAN_INLINE_BYTES:  # its size decoded: top-k's wire is 2% of it
             check_update(state, max_update_norm=self.max_update_norm)
         else:
             await asyncio.to_thread(check_update, state, max_update_norm=self.max_update_norm)
