@@ -64,25 +64,31 @@ async def test_topk_uploads_and_a_float16_download_between_real_workers(
 
 
 @pytest.mark.parametrize(
-    ("mode", "compression"),
-    [("topk-index", {"name": "topk", "ratio": 0.05}), ("int8-scale", {"name": "int8"})],
+    ("mode", "compression", "spill"),
+    [("topk-index", {"name": "topk", "ratio": 0.05}, False), ("int8-scale", {"name": "int8"}, False),
+     ("topk-index", {"name": "topk", "ratio": 0.05}, True)],
+    ids=["topk-index", "int8-scale", "topk-index-spilled"],
 )
 async def test_a_worker_sending_an_undecodable_update_is_dropped_by_name(
-    digit_shards: tuple[list[Path], Path], tmp_path: Path, mode: str, compression: dict[str, Any]
+    digit_shards: tuple[list[Path], Path], tmp_path: Path, mode: str, compression: dict[str, Any], spill: bool
 ) -> None:
     """An index past the tensor or an infinite scale could write out of bounds or poison the sum: the coordinator
-    refuses the update, names the worker and the tensor, and the round goes on with the honest two."""
+    refuses the update, names the worker and the tensor, and the round goes on with the honest two. Spilled (every
+    update received to disk as sent), the indices are checked from there, before any of the update is decoded."""
     shards, test = digit_shards
     workers = start_workers(shards[:2], extra_args=["--threads", "1"])
     workers.append(start_worker(shards[2], worker_id="bad", command=[*FAULTY, mode], extra_args=["--threads", "1"]))
     try:
-        config = parse_config({**_config([w.url for w in workers], tmp_path / "run", test, compression), "rounds": 2})
+        config = _config([w.url for w in workers], tmp_path / "run", test, compression)
+        limits = {"spill_bytes": 0, "spill_dir": str(tmp_path)} if spill else {}
+        config = parse_config({**config, "rounds": 2, "limits": limits})
         history = await asyncio.wait_for(Coordinator(config, progress=Progress()).run(), 240)
     finally:
         stop_workers(workers)
     for record in history:
         assert record["workers"] == 2
         assert f"undecodable {compression['name']} update: tensor '" in record["dropped"]["bad"]
+        assert (record["spilled_bytes"] == record["upload_bytes"] > 0) if spill else record["spilled_bytes"] == 0
     assert history[-1]["accuracy"] > 0.8
 
 
