@@ -16,6 +16,8 @@ Variants (every ``topk`` one keeps an error-feedback residual per worker, as the
 - ``count``: as ``topk``, each coordinate divided by the weight of the workers that sent it rather than by all.
 - ``hint``: as ``dense-small``, half of each tensor's entries taken where the last global update was largest.
 - ``start-residual``: as ``dense-small``, local training starting from the global model plus the residual.
+- ``per-row``: as ``dense-small``, the 1% taken in every row of a matrix (each output unit gets its share).
+- ``half-residual``: as ``dense-small``, the residual halved before it is added (older error counts less).
 
 Prints each run's final held-out accuracy and a table of means over the seeds. Needs ``../shared/data`` (MNIST).
 """
@@ -37,7 +39,7 @@ from fedlink.models import mnist_cnn
 from fedlink.shards import load_shard
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("none", "topk", "dense-small", "global", "count", "hint", "start-residual")
+VARIANTS = ("none", "topk", "dense-small", "global", "count", "hint", "start-residual", "per-row", "half-residual")
 RATIO, DENSE_BELOW, WORKERS, PER_ROUND = 0.01, 4096, 10, 5
 State = dict[str, torch.Tensor]
 
@@ -90,7 +92,8 @@ class Replica:
 
     def sparsify(self, worker: int, delta: State) -> State:
         residual = self.residuals[worker]
-        total = {k: v.flatten() + residual[k] if k in residual else v.flatten() for k, v in delta.items()}
+        carry = 0.5 if self.variant == "half-residual" else 1.0
+        total = {k: v.flatten() + carry * residual[k] if k in residual else v.flatten() for k, v in delta.items()}
         sent = {k: torch.zeros_like(v) for k, v in total.items()}
         large = [k for k, v in total.items() if not self._dense(v.numel())]
         for k in total.keys() - set(large):
@@ -106,6 +109,13 @@ class Replica:
                 count = math.ceil(RATIO * total[k].numel())
                 score = total[k].abs()
                 index = torch.empty(0, dtype=torch.long)
+                if self.variant == "per-row" and delta[k].dim() >= 2:
+                    rows = total[k].view(delta[k].shape[0], -1)
+                    per_row = math.ceil(RATIO * rows.shape[1])
+                    chosen = torch.topk(rows.abs(), per_row, dim=1).indices
+                    index = (chosen + torch.arange(rows.shape[0]).unsqueeze(1) * rows.shape[1]).flatten()
+                    sent[k][index] = total[k][index]
+                    continue
                 if self.variant == "hint" and k in self.last_update:
                     index = torch.topk(self.last_update[k].flatten().abs(), count // 2).indices
                     score = score.clone()
