@@ -18,6 +18,8 @@ Variants (every ``topk`` one keeps an error-feedback residual per worker, as the
 - ``start-residual``: as ``dense-small``, local training starting from the global model plus the residual.
 - ``per-row``: as ``dense-small``, the 1% taken in every row of a matrix (each output unit gets its share).
 - ``half-residual``: as ``dense-small``, the residual halved before it is added (older error counts less).
+- ``ef21``: as ``dense-small`` but without a residual: the worker sends the top-k of its update minus its last
+  estimate, and both sides add that to the estimate, which is what is averaged (EF21, Richtarik et al. 2021).
 
 Prints each run's final held-out accuracy and a table of means over the seeds. Needs ``../shared/data`` (MNIST).
 """
@@ -39,7 +41,8 @@ from fedlink.models import mnist_cnn
 from fedlink.shards import load_shard
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("none", "topk", "dense-small", "global", "count", "hint", "start-residual", "per-row", "half-residual")
+VARIANTS = ("none", "topk", "dense-small", "global", "count", "hint", "start-residual", "per-row", "half-residual",
+            "ef21")
 RATIO, DENSE_BELOW, WORKERS, PER_ROUND = 0.01, 4096, 10, 5
 State = dict[str, torch.Tensor]
 
@@ -68,6 +71,7 @@ class Replica:
         self.state: State = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.residuals: list[State] = [{} for _ in range(WORKERS)]
         self.last_update: State = {}
+        self.estimates: list[State] = [{} for _ in range(WORKERS)]
 
     def train(self, worker: int, server_round: int) -> State:
         start = self.state
@@ -131,7 +135,12 @@ class Replica:
         weight = 0
         for worker in (int(w) for w in self.rng.choice(WORKERS, PER_ROUND, replace=False)):
             update = self.train(worker, server_round)
-            if self.variant != "none":
+            if self.variant == "ef21":
+                estimate = self.estimates[worker]
+                change = self.sparsify(worker, {k: v - estimate[k] if k in estimate else v for k, v in update.items()})
+                self.residuals[worker] = {}
+                update = self.estimates[worker] = {k: estimate[k] + v if k in estimate else v for k, v in change.items()}
+            elif self.variant != "none":
                 update = self.sparsify(worker, update)
             samples = len(self.shards[worker][1])
             for k in total:

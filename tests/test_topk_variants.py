@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-VARIANTS = ["none", "topk", "dense-small", "global", "count", "hint", "start-residual", "per-row", "half-residual"]
+VARIANTS = ["none", "topk", "dense-small", "global", "count", "hint", "start-residual", "per-row", "half-residual", "ef21"]
 
 
 def test_every_variant_trains_and_is_reported(shared_data: Path, tmp_path: Path) -> None:
