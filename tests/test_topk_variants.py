@@ -21,7 +21,7 @@ def test_every_variant_trains_and_is_reported(shared_data: Path, tmp_path: Path)
         capture_output=True, text=True, timeout=300, env={**os.environ, "FEDLINK_SHARED_DATA": str(shared_data)},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = dict(re.findall(r"^\| ([a-z-]+) \| ([\d.]+)% \|", done.stdout, flags=re.MULTILINE))
+    rows = dict(re.findall(r"^\| ([a-z0-9-]+) \| ([\d.]+)% \|", done.stdout, flags=re.MULTILINE))
     assert list(rows) == VARIANTS, done.stdout
     accuracy = {variant: float(value) for variant, value in rows.items()}
     assert accuracy["none"] > 20, accuracy  # three rounds of FedAvg learn (34% here); chance is 10%
