@@ -22,6 +22,7 @@ from fedlink.protocol.errors import ProtocolError
 from fedlink.protocol.messages import TrainRequest, TrainResult
 from fedlink.protocol.tensors import header_of
 
+from .aggregate import AccumulatorOverflow
 from .engine import WorkerOutcome
 from .errors import InvalidUpdate
 from .remote import RemoteWorker
@@ -149,10 +150,18 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
             outcome.reason = f"update {staleness} server updates stale, strategy.max_staleness is {strategy.max_staleness}"
             buffer.outcomes.append(outcome)
             return True
-        buffer.aggregation.add(
-            ClientUpdate(worker=worker.name, kind=result.update, num_samples=result.num_samples, state=update,
-                         metrics=result.metrics, staleness=staleness)
-        )
+        try:
+            buffer.aggregation.add(
+                ClientUpdate(worker=worker.name, kind=result.update, num_samples=result.num_samples, state=update,
+                             metrics=result.metrics, staleness=staleness)
+            )
+        except AccumulatorOverflow as exc:
+            # Nothing of it was added (see WeightedSum): the buffer goes on as if it had never been sent.
+            outcome.reason = f"update refused, it would overflow the buffer's sum: {exc}"
+            log.warning("worker %r: %s", worker.name, outcome.reason)
+            coordinator.progress.worker_status(base + 1, worker.name, "dropped", outcome.reason)
+            buffer.outcomes.append(outcome)
+            return False
         outcome.status, outcome.num_samples, outcome.metrics = "ok", result.num_samples, dict(result.metrics)
         outcome.train_seconds = result.train_seconds
         buffer.outcomes.append(outcome)
@@ -188,9 +197,15 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
                     tasks[id(worker)] = asyncio.ensure_future(keep_busy(worker))
             changed = asyncio.ensure_future(coordinator.pool.changed())
             finished = asyncio.ensure_future(done.wait())
-            await asyncio.wait({changed, finished}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({changed, finished, *tasks.values()}, return_when=asyncio.FIRST_COMPLETED)
             changed.cancel()
             finished.cancel()
+            for task in tasks.values():
+                # A worker's loop ends only with the run: one that ended otherwise is a fault of ours, and the run
+                # stops with it rather than wait forever for results that worker will never send again.
+                if task.done() and not done.is_set():
+                    task.result()
+                    raise RuntimeError("a worker's request loop ended before the run")
         for task in tasks.values():
             task.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,32 @@ def test_fedbuff_updates_every_k_results_and_resumes(digit_shards: tuple[list[Pa
     lines = [json.loads(line) for line in (tmp_path / "run" / "workers.jsonl").read_text().splitlines()]
     taken = {w: sum(1 for line in lines if line["worker"] == w and line["status"] == "ok") for w in ("worker-0", "worker-1", "worker-2")}
     assert taken["worker-0"] < min(taken["worker-1"], taken["worker-2"]), f"the slow worker contributes least: {taken}"
+
+
+def test_an_update_that_would_overflow_the_buffer_drops_only_that_result(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path
+) -> None:
+    """Two workers send every value as 3e38 (finite float32) with the norm limit lifted: the first fits the
+    buffer's sum, the second would overflow it. That result is refused by name and the sender is asked again;
+    the slow honest worker's result then completes the buffer."""
+    shards, test = digit_shards
+    faulty = [sys.executable, str(Path(__file__).resolve().parent / "faulty_worker.py"), "huge"]
+    honest = spawn_worker(shards[0], worker_id="worker-0", extra_args=["--threads", "1", "--slowdown", "8"])
+    attackers = [
+        spawn_worker(shard, worker_id=f"worker-{i}", command=faulty, extra_args=["--threads", "1"])
+        for i, shard in enumerate(shards[1:3], start=1)
+    ]
+    workers = [wait_ready(s) for s in (honest, *attackers)]
+    config = _config([w.url for w in workers], test, tmp_path / "run", 1)
+    config["limits"] = {"max_update_norm": 1e308}
+    try:
+        history = asyncio.run(asyncio.wait_for(Coordinator(parse_config(config)).run(), 240))
+    finally:
+        stop_workers(workers)
+    assert [r["round"] for r in history] == [1]
+    assert history[0]["workers"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "run" / "workers.jsonl").read_text().splitlines()]
+    taken = sorted(line["worker"] for line in lines if line["status"] == "ok")
+    assert taken[0] == "worker-0" and taken[1] in ("worker-1", "worker-2"), taken
+    refused = [line for line in lines if line["status"] != "ok"]
+    assert refused and all("would overflow the buffer's sum" in line["reason"] for line in refused), refused
