@@ -1,7 +1,8 @@
 """Asynchronous training (FedBuff): no rounds on the wire, a stream of results and a server update every K.
 
 Every connected worker is kept busy: as soon as it answers, it is sent the latest global model again. Each
-answer is checked, pulled (at most ``limits.concurrent_uploads`` at once) and added to the strategy's buffer
+answer is checked, pulled (at most ``limits.concurrent_uploads`` at once; one of at least ``limits.spill_bytes``
+to disk, as in a synchronous round) and added to the strategy's buffer
 with its staleness (server updates since the model it trained from); every ``buffer_size`` results the buffer
 becomes the next global model, which is recorded, evaluated and checkpointed like a synchronous round. Each
 request's seed derives from the run's seed, the worker and its request count, so runs are seeded; the arrival
@@ -18,11 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedlink.collector import return_free_memory
 from fedlink.protocol.errors import ProtocolError
 from fedlink.protocol.messages import TrainRequest, TrainResult
+from fedlink.protocol.spill import Spill
 from fedlink.protocol.tensors import header_of
 
-from .aggregate import AccumulatorOverflow
+from .aggregate import AccumulatorOverflow, Scanned
 from .engine import WorkerOutcome
 from .errors import InvalidUpdate
 from .remote import RemoteWorker
@@ -69,7 +72,10 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
         coordinator.output.start()
     header = header_of(coordinator.state)
     strategy.configure_train(first_round, coordinator._plan(first_round))  # refuses a bad config before any work
-    uploads = asyncio.Semaphore(upload_slots(config.limits, header))
+    uploads = asyncio.Semaphore(
+        upload_slots(config.limits, header, spills=True, compression=coordinator.transfer.compression)
+    )
+    spill = Spill(config.limits.spill_dir, config.limits.spill_bytes)
     done = asyncio.Event()
     buffer = _Buffer(coordinator, first_round - 1)
     pending: asyncio.Future[None] | None = None
@@ -125,12 +131,20 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
                     raise InvalidUpdate(f"answered a train request with {result.type!r}")
                 check_result(result, request=request, max_samples=worker.num_samples)
                 async with uploads:
-                    state = await inbound.fetch(expected=transfer.wire_header)
+                    # As in a synchronous round: a large update goes to disk as it arrives and is read back a slice
+                    # at a time as it is checked and folded.
+                    received: Mapping[str, torch.Tensor]
+                    if spill.wanted(transfer.wire_header.nbytes):
+                        received = await inbound.fetch_spilled(spill, expected=transfer.wire_header)
+                        outcome.spilled_bytes = transfer.wire_header.nbytes
+                    else:
+                        received = await inbound.fetch(expected=transfer.wire_header)
                 outcome.download_bytes, outcome.upload_bytes = sent_header.nbytes, transfer.wire_header.nbytes
-            received: Mapping[str, torch.Tensor] = state
             if transfer.compression.name != "none":
-                received = await asyncio.to_thread(transfer.decode, state)
+                received = await asyncio.to_thread(transfer.decode, received)
             update = transfer.complete(received, base_state, result.update)
+            if isinstance(update, dict):
+                update = Scanned(update)  # the scan's peaks then spare the fold a pass of its own
             await asyncio.to_thread(check_update, update, max_update_norm=config.limits.max_update_norm)
         except TimeoutError:
             outcome.reason = f"no update within timeouts.round ({config.timeouts.round:g}s)"
@@ -162,6 +176,12 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
             coordinator.progress.worker_status(base + 1, worker.name, "dropped", outcome.reason)
             buffer.outcomes.append(outcome)
             return False
+        finally:
+            # A BrokenSum (a spilled update unreadable halfway) goes on up and ends the run: the buffer's sum holds
+            # part of an update, and no model is made from it.
+            del update
+            if outcome.spilled_bytes:
+                return_free_memory()  # the slices and frames it took (see fedlink.collector)
         outcome.status, outcome.num_samples, outcome.metrics = "ok", result.num_samples, dict(result.metrics)
         outcome.train_seconds = result.train_seconds
         buffer.outcomes.append(outcome)

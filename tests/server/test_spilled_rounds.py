@@ -111,3 +111,36 @@ def test_a_spill_directory_in_memory_gets_a_warning(tmp_path: Path, caplog: pyte
                             limits={"spill_dir": spill_dir, "spill_bytes": 0}), "workers": ["ws://127.0.0.1:1"]}
         Coordinator(parse_config(config, source="test"))
         assert ("is in memory (tmpfs)" in caplog.text) is warned, caplog.text
+
+
+@pytest.mark.parametrize("compression", ["none", "int8"])
+async def test_fedbuff_folds_updates_from_disk_to_the_same_bits(
+    digit_shards: tuple[list[Path], Path], tmp_path: Path, compression: str
+) -> None:
+    """Asynchronous training spills as synchronous rounds do. One worker and a buffer of one make the order of
+    results fixed, so the run on disk must end with the in-memory run's bits."""
+    shards, _ = digit_shards
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    runs = {}
+    for name, limits in (
+        ("memory", {"spill_bytes": 1 << 40}),
+        ("disk", {"spill_bytes": 0, "spill_dir": str(spill_dir)}),
+    ):
+        config = {
+            **_config(tmp_path / name, model=MLP, update="delta", strategy="fedavg", limits=limits,
+                      compression=compression),
+            "rounds": 3,
+            "strategy": {"name": "fedbuff", "buffer_size": 1},
+        }
+        async with in_memory_workers(shards[:1]) as remotes:
+            coordinator = coordinator_for(remotes, config)
+            history = await coordinator.run()
+        runs[name] = (coordinator.state, [r["spilled_bytes"] for r in history], [r["upload_bytes"] for r in history])
+    memory, disk = runs["memory"], runs["disk"]
+    for key, tensor in memory[0].items():
+        assert torch.equal(disk[0][key], tensor), key
+    assert memory[1] == [0, 0, 0] and disk[1] == disk[2] == memory[2] and min(disk[1]) > 0
+    assert os.listdir(spill_dir) == []
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [target for target in fds if target.startswith(str(spill_dir))]
