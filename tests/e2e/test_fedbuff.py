@@ -1,4 +1,4 @@
-"""Asynchronous FedBuff with real worker processes, one of them four times slower than the others."""
+"""Asynchronous FedBuff with real worker processes, one of them eight times slower than the others."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _config(urls: list[str], test: Path, out: Path, rounds: int) -> dict[str, An
 def test_fedbuff_updates_every_k_results_and_resumes(digit_shards: tuple[list[Path], Path], tmp_path: Path) -> None:
     shards, test = digit_shards
     spawned = [
-        spawn_worker(shard, worker_id=f"worker-{i}", extra_args=["--threads", "1", *(["--slowdown", "4"] if i == 0 else [])])
+        spawn_worker(shard, worker_id=f"worker-{i}", extra_args=["--threads", "1", *(["--slowdown", "8"] if i == 0 else [])])
         for i, shard in enumerate(shards)
     ]
     workers = [wait_ready(s) for s in spawned]
@@ -39,7 +39,7 @@ def test_fedbuff_updates_every_k_results_and_resumes(digit_shards: tuple[list[Pa
         urls = [w.url for w in workers]
         history = asyncio.run(asyncio.wait_for(Coordinator(parse_config(_config(urls, test, tmp_path / "run", 6))).run(), 240))
         resumed = asyncio.run(
-            asyncio.wait_for(Coordinator(parse_config(_config(urls, test, tmp_path / "run", 8))).run(resume=True), 240)
+            asyncio.wait_for(Coordinator(parse_config(_config(urls, test, tmp_path / "run", 14))).run(resume=True), 240)
         )
     finally:
         stop_workers(workers)
@@ -47,8 +47,11 @@ def test_fedbuff_updates_every_k_results_and_resumes(digit_shards: tuple[list[Pa
     assert all(r["workers"] == 2 for r in history), "each server update folds exactly buffer_size results"
     assert all("staleness_mean" in r and r["staleness_max"] >= 0 for r in history)
     assert history[-1]["accuracy"] > 0.8
-    assert [r["round"] for r in resumed] == [1, 2, 3, 4, 5, 6, 7, 8], "resume continues the server updates"
+    assert [r["round"] for r in resumed] == list(range(1, 15)), "resume continues the server updates"
+    # Counted over the resumed run alone: in the first, whichever worker process warmed up first (imports, the
+    # model's first build) can take most of the results before the others answer at all.
     lines = [json.loads(line) for line in (tmp_path / "run" / "workers.jsonl").read_text().splitlines()]
+    lines = [line for line in lines if line["round"] > 6]
     taken = {w: sum(1 for line in lines if line["worker"] == w and line["status"] == "ok") for w in ("worker-0", "worker-1", "worker-2")}
     assert taken["worker-0"] < min(taken["worker-1"], taken["worker-2"]), f"the slow worker contributes least: {taken}"
 
