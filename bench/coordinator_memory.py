@@ -3,6 +3,7 @@
     python bench/coordinator_memory.py                  # 8 workers, 50 MB, 3 repetitions of 2 rounds
     python bench/coordinator_memory.py --workers 4 --megabytes 200 --reps 1 --rounds 3
     python bench/coordinator_memory.py --workers 3 --megabytes 400 --compression int8   # compressed updates
+    python bench/coordinator_memory.py --workers 3 --megabytes 400 --strategy fedbuff    # asynchronous
 
 Eight ``fl-worker`` processes (``--threads 1``) are started once on tiny random shards (64 samples of 64 float32
 features), and serve every repetition. Each repetition runs the coordinator in a fresh child process (this script
@@ -239,11 +240,13 @@ def make_shards(folder: Path, count: int, *, samples: int, features: int) -> lis
 
 def job_config(
     urls: list[str], *, megabytes: float, rounds: int, output: Path, concurrent_uploads: int = 4,
-    frozen_backbone: bool = False, compression: str = "none",
+    frozen_backbone: bool = False, compression: str = "none", strategy: str = "fedavg",
 ) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"megabytes": megabytes, **({"frozen_backbone": True} if frozen_backbone else {})}
     # int8 and top-k compress deltas: FedAvg of deltas is FedAvg of weights.
     update = {} if compression == "none" else {"update": "delta", "compression": {"name": compression}}
+    if strategy == "fedbuff":  # asynchronous: each server update folds as many results as there are workers
+        update.setdefault("update", "delta")
     return {
         "name": "bench-coordinator-memory",
         "seed": 0,
@@ -253,7 +256,7 @@ def job_config(
         "sampling": {"fraction": 1.0, "min_workers": len(urls)},
         "training": {"epochs": 1, "batch_size": 32, "max_steps": 1,
                      "optimizer": {"name": "sgd", "lr": 0.01}, **update},
-        "strategy": {"name": "fedavg"},
+        "strategy": {"name": "fedbuff", "buffer_size": len(urls)} if strategy == "fedbuff" else {"name": "fedavg"},
         "timeouts": {"round": 300},
         "limits": {"concurrent_uploads": concurrent_uploads},
         "output": str(output),
@@ -309,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compression", default="none", choices=["none", "float16", "bfloat16", "int8", "topk"],
                         help="training.compression (with update: delta): updates are held compressed and decoded "
                         "a tensor at a time")
+    parser.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedbuff"],
+                        help="fedbuff: asynchronous, a server update every --workers results (update: delta)")
     parser.add_argument("--trace", action="store_true",
                         help="print the coordinator's log with each new heap peak (of 32 MiB more), to see what holds memory")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -347,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {
                     "config": job_config(urls, megabytes=args.megabytes, rounds=args.rounds, output=folder / f"run-{rep}",
                                          concurrent_uploads=args.concurrent_uploads,
-                                         frozen_backbone=args.frozen_backbone, compression=args.compression),
+                                         frozen_backbone=args.frozen_backbone, compression=args.compression,
+                                         strategy=args.strategy),
                     "threads": args.threads,
                     "heap_interval": args.interval / 2,
                     "trace": args.trace,

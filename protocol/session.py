@@ -493,6 +493,9 @@ class Session:
             # The deadline covers sending too: a peer that stops reading must not hold a request past it.
             async with asyncio.timeout(timeout):
                 await self._send_message(message, msg_id, state=state, header=header)
+                # The outbound transfer holds the state until the peer pulls it; this frame must not hold it while
+                # the peer works (a FedBuff worker trains on a model the coordinator has since replaced).
+                state = None
                 answer = await future
         except TimeoutError as exc:
             self._drop_outbound(msg_id)

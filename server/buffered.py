@@ -117,15 +117,18 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
             run=coordinator.run_id,
             worker=worker.route,
         )
-        base_state = coordinator.state  # what this worker trains from, whatever the buffer does meanwhile
-        sent, sent_header = DownloadCache(base_state, header).get(transfer.download)
+        # Nothing here keeps the model this worker trains from: once the worker has pulled it, a model the buffer
+        # has since replaced is freed, rather than one kept per busy worker.
+        sent, sent_header = DownloadCache(coordinator.state, header).get(transfer.download)
+        assert worker.session is not None
+        asked = worker.session.request(request, state=sent, header=sent_header, timeout=None)
+        del sent
         outcome = WorkerOutcome(worker=worker.name)
         started = time.perf_counter()
         coordinator.progress.worker_status(base + 1, worker.name, "training")
         try:
-            assert worker.session is not None
             async with asyncio.timeout(config.timeouts.round):
-                inbound = await worker.session.request(request, state=sent, header=sent_header, timeout=None)
+                inbound = await asked
                 result = inbound.message
                 if not isinstance(result, TrainResult):
                     raise InvalidUpdate(f"answered a train request with {result.type!r}")
@@ -142,7 +145,8 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
                 outcome.download_bytes, outcome.upload_bytes = sent_header.nbytes, transfer.wire_header.nbytes
             if transfer.compression.name != "none":
                 received = await asyncio.to_thread(transfer.decode, received)
-            update = transfer.complete(received, base_state, result.update)
+            # A delta's frozen parameters are known to be zero; no model is read for them.
+            update = transfer.complete(received, coordinator.state, result.update)
             if isinstance(update, dict):
                 update = Scanned(update)  # the scan's peaks then spare the fold a pass of its own
             await asyncio.to_thread(check_update, update, max_update_norm=config.limits.max_update_norm)

@@ -339,6 +339,33 @@ async def test_state_both_ways() -> None:
         assert len(chunks) == -(-nbytes // SMALL.chunk_bytes) and len(chunks) > 5
 
 
+async def test_a_pulled_state_is_not_kept_by_the_request_while_the_peer_works() -> None:
+    """Once the peer has pulled the state, nothing of the request holds it: a FedBuff coordinator replaces its model
+    while workers train, and each busy worker must not keep an old one alive."""
+    import gc
+    import weakref
+
+    pulled, finish = asyncio.Event(), asyncio.Event()
+
+    async def handler(session: Session, inbound: Inbound) -> None:
+        await inbound.fetch(timeout=WAIT)
+        pulled.set()
+        await finish.wait()  # "training"
+        await session.reply(inbound, result_for(inbound.message))
+
+    async with sessions(handler_b=handler) as pair:
+        state = model_state()
+        watch = weakref.ref(state["fc.bias"])
+        asked = asyncio.ensure_future(pair.a.request(train(), state=state, timeout=WAIT))
+        del state
+        await asyncio.wait_for(pulled.wait(), WAIT)
+        gc.collect()
+        alive = watch() is not None
+        finish.set()
+        await asked
+    assert not alive, "the request kept the state it had sent after the peer pulled it"
+
+
 async def test_empty_state_transfer() -> None:
     async def handler(session: Session, inbound: Inbound) -> None:
         state = await inbound.fetch(timeout=WAIT)

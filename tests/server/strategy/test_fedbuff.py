@@ -45,3 +45,37 @@ def test_weights_and_refusals() -> None:
     with pytest.raises(ConfigError, match="staleness must be"):
         build_strategy("fedbuff", {"staleness": "linear"})
     assert build_strategy("fedbuff", {"buffer_size": 5}).asynchronous  # type: ignore[attr-defined]
+
+
+def test_the_server_update_in_the_means_own_memory_has_the_reference_bits() -> None:
+    """float32 steps in the mean's own memory, float16 in float32 as before, integers take the mean: every tensor
+    has exactly the bits of ``global + mean * scale`` computed out of place, and the global model is untouched."""
+    from fedlink.server.aggregate import WeightedSum
+    from fedlink.server.strategy.updates import apply_pseudo_gradient
+
+    generator = torch.Generator().manual_seed(4)
+    global_state = {
+        "w": torch.randn(64, 33, generator=generator),
+        "h": torch.randn(50, generator=generator).half(),
+        "z": torch.tensor([-0.0, 0.0, -0.0, 1.0]),
+        "steps": torch.tensor(7),
+    }
+    kept = {name: value.clone() for name, value in global_state.items()}
+    deltas = [
+        (staleness, {"w": torch.randn(64, 33, generator=generator) * 1e-3, "h": torch.randn(50, generator=generator).half(),
+                     "z": torch.tensor([0.0, -0.0, -0.0, 2.0]), "steps": torch.tensor(staleness)})
+        for staleness in (0, 2, 5)
+    ]
+    strategy = FedBuff(buffer_size=3, server_lr=0.7)
+    out = _add(strategy, global_state, deltas)
+
+    reference_sum = WeightedSum()
+    for staleness, delta in deltas:
+        reference_sum.add(delta, strategy.staleness_weight(staleness))
+    scale = 0.7 * reference_sum.total_weight / reference_sum.count
+    reference = apply_pseudo_gradient("delta", global_state, reference_sum.mean(), lambda name, delta: delta * scale)
+    assert list(out) == list(reference)
+    for name in reference:
+        assert out[name].dtype == reference[name].dtype
+        assert torch.equal(out[name].view(-1).view(torch.uint8), reference[name].view(-1).view(torch.uint8)), name
+        assert torch.equal(global_state[name], kept[name]) and out[name].data_ptr() != global_state[name].data_ptr()
