@@ -502,6 +502,11 @@ class Session:
             raise RequestTimeout(
                 f"no answer from {self.peer} to {getattr(message, 'type', 'request')} within {timeout:g}s"
             ) from exc
+        except asyncio.CancelledError:
+            # Abandoned by the caller (its own deadline, the run ending): no one waits for the peer any more, so
+            # nothing keeps the state for it either.
+            self._drop_outbound(msg_id)
+            raise
         finally:
             self._pending.pop(msg_id, None)
         if isinstance(answer.message, ErrorMessage):

@@ -119,13 +119,13 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
         )
         # Nothing here keeps the model this worker trains from: once the worker has pulled it, a model the buffer
         # has since replaced is freed, rather than one kept per busy worker.
+        outcome = WorkerOutcome(worker=worker.name)
+        started = time.perf_counter()
+        coordinator.progress.worker_status(base + 1, worker.name, "training")
         sent, sent_header = DownloadCache(coordinator.state, header).get(transfer.download)
         assert worker.session is not None
         asked = worker.session.request(request, state=sent, header=sent_header, timeout=None)
         del sent
-        outcome = WorkerOutcome(worker=worker.name)
-        started = time.perf_counter()
-        coordinator.progress.worker_status(base + 1, worker.name, "training")
         try:
             async with asyncio.timeout(config.timeouts.round):
                 inbound = await asked
@@ -147,6 +147,7 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
                 received = await asyncio.to_thread(transfer.decode, received)
             # A delta's frozen parameters are known to be zero; no model is read for them.
             update = transfer.complete(received, coordinator.state, result.update)
+            del received  # the update holds what it needs; nothing else keeps it past the fold
             if isinstance(update, dict):
                 update = Scanned(update)  # the scan's peaks then spare the fold a pass of its own
             await asyncio.to_thread(check_update, update, max_update_norm=config.limits.max_update_norm)

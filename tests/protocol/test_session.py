@@ -366,6 +366,25 @@ async def test_a_pulled_state_is_not_kept_by_the_request_while_the_peer_works() 
     assert not alive, "the request kept the state it had sent after the peer pulled it"
 
 
+async def test_a_request_its_caller_abandons_lets_go_of_the_state_it_announced() -> None:
+    """The caller's own deadline cancels the request before the peer pulled: the announced state is dropped at once,
+    not kept until the outbound TTL expires."""
+    handled = asyncio.Event()
+
+    async def handler(session: Session, inbound: Inbound) -> None:
+        handled.set()
+        await asyncio.Event().wait()  # never pulls, never answers
+
+    async with sessions(handler_b=handler) as pair:
+        asked = asyncio.ensure_future(pair.a.request(train(), state=model_state(), timeout=None))
+        await asyncio.wait_for(handled.wait(), WAIT)
+        assert len(pair.a._outbound) == 1
+        asked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asked
+        assert pair.a._outbound == {}
+
+
 async def test_empty_state_transfer() -> None:
     async def handler(session: Session, inbound: Inbound) -> None:
         state = await inbound.fetch(timeout=WAIT)
