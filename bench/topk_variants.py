@@ -20,6 +20,11 @@ Variants (every ``topk`` one keeps an error-feedback residual per worker, as the
 - ``half-residual``: as ``dense-small``, the residual halved before it is added (older error counts less).
 - ``ef21``: as ``dense-small`` but without a residual: the worker sends the top-k of its update minus its last
   estimate, and both sides add that to the estimate, which is what is averaged (EF21, Richtarik et al. 2021).
+- ``sqrt-share``: as ``dense-small`` with the same number of entries in all, shared among the sparse tensors in
+  proportion to the square root of their sizes (the convolution gets 5x its 1%, the dense layer a little less).
+- ``dense-conv``: a diagnostic, not a candidate: every tensor under 100,000 entries dense, the convolutions too,
+  so that only the first dense layer is sparse. It sends 10.8% of the bytes, over the 3% budget; it shows how much
+  of the loss the sparse convolution accounts for.
 
 Prints each run's final held-out accuracy and a table of means over the seeds. Needs ``../shared/data`` (MNIST).
 """
@@ -42,7 +47,7 @@ from fedlink.shards import load_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("none", "topk", "dense-small", "global", "count", "hint", "start-residual", "per-row", "half-residual",
-            "ef21")
+            "ef21", "sqrt-share", "dense-conv")
 RATIO, DENSE_BELOW, WORKERS, PER_ROUND = 0.01, 4096, 10, 5
 State = dict[str, torch.Tensor]
 
@@ -91,7 +96,7 @@ class Replica:
         return {k: v - self.state[k] for k, v in self.model.state_dict().items()}
 
     def _dense(self, numel: int) -> bool:
-        small = 0 if self.variant in ("topk", "count") else DENSE_BELOW
+        small = {"topk": 0, "count": 0, "dense-conv": 100_000}.get(self.variant, DENSE_BELOW)
         return numel < small or 2 * math.ceil(RATIO * numel) >= numel
 
     def sparsify(self, worker: int, delta: State) -> State:
@@ -109,8 +114,13 @@ class Replica:
             for k, mask in zip(large, chosen.split([total[k].numel() for k in large])):
                 sent[k] = torch.where(mask, total[k], 0.0)
         else:
+            counts = {k: math.ceil(RATIO * total[k].numel()) for k in large}
+            if self.variant == "sqrt-share":
+                roots = {k: math.sqrt(total[k].numel()) for k in large}
+                counts = {k: min(total[k].numel(), max(1, round(sum(counts.values()) * roots[k] / sum(roots.values()))))
+                          for k in large}
             for k in large:
-                count = math.ceil(RATIO * total[k].numel())
+                count = counts[k]
                 score = total[k].abs()
                 index = torch.empty(0, dtype=torch.long)
                 if self.variant == "per-row" and delta[k].dim() >= 2:

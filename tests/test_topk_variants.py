@@ -11,7 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-VARIANTS = ["none", "topk", "dense-small", "global", "count", "hint", "start-residual", "per-row", "half-residual", "ef21"]
+VARIANTS = ["none", "topk", "dense-small", "global", "count", "hint", "start-residual", "per-row", "half-residual", "ef21",
+            "sqrt-share", "dense-conv"]
 
 
 def test_every_variant_trains_and_is_reported(shared_data: Path, tmp_path: Path) -> None:
