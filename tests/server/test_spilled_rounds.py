@@ -30,6 +30,17 @@ def _config(
     }
 
 
+def _memory_and_disk(spill_dir: Path) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """The two runs compared: every update held in memory, and every update received to disk."""
+    return ("memory", {"spill_bytes": 1 << 40}), ("disk", {"spill_bytes": 0, "spill_dir": str(spill_dir)})
+
+
+def _assert_nothing_left(spill_dir: Path) -> None:
+    assert os.listdir(spill_dir) == []
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [target for target in fds if target.startswith(str(spill_dir))]  # every spill file was closed
+
+
 @pytest.mark.parametrize(
     ("model", "update", "strategy", "compression"),
     [
@@ -52,10 +63,7 @@ async def test_a_run_whose_updates_go_to_disk_ends_with_the_same_bits_and_leaves
     spill_dir = tmp_path / "spill"
     spill_dir.mkdir()
     runs = {}
-    for name, limits in (
-        ("memory", {"spill_bytes": 1 << 40}),
-        ("disk", {"spill_bytes": 0, "spill_dir": str(spill_dir)}),
-    ):
+    for name, limits in _memory_and_disk(spill_dir):
         config = _config(
             tmp_path / name, model=model, update=update, strategy=strategy, limits=limits, compression=compression
         )
@@ -82,9 +90,7 @@ async def test_a_run_whose_updates_go_to_disk_ends_with_the_same_bits_and_leaves
         initial, _ = initial_state(parse_config({**config, "workers": ["ws://x:1"]}, source="test"))
         assert all(torch.equal(disk[0][name], initial[name]) for name in ("1.weight", "3.weight", "5.bias"))
         assert not torch.equal(disk[0]["7.weight"], initial["7.weight"])
-    assert os.listdir(spill_dir) == []
-    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
-    assert not [target for target in fds if target.startswith(str(spill_dir))]  # every spill file was closed
+    _assert_nothing_left(spill_dir)
 
 
 def test_a_spill_directory_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path) -> None:
@@ -123,10 +129,7 @@ async def test_fedbuff_folds_updates_from_disk_to_the_same_bits(
     spill_dir = tmp_path / "spill"
     spill_dir.mkdir()
     runs = {}
-    for name, limits in (
-        ("memory", {"spill_bytes": 1 << 40}),
-        ("disk", {"spill_bytes": 0, "spill_dir": str(spill_dir)}),
-    ):
+    for name, limits in _memory_and_disk(spill_dir):
         config = {
             **_config(tmp_path / name, model=MLP, update="delta", strategy="fedavg", limits=limits,
                       compression=compression),
@@ -141,6 +144,4 @@ async def test_fedbuff_folds_updates_from_disk_to_the_same_bits(
     for key, tensor in memory[0].items():
         assert torch.equal(disk[0][key], tensor), key
     assert memory[1] == [0, 0, 0] and disk[1] == disk[2] == memory[2] and min(disk[1]) > 0
-    assert os.listdir(spill_dir) == []
-    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
-    assert not [target for target in fds if target.startswith(str(spill_dir))]
+    _assert_nothing_left(spill_dir)
