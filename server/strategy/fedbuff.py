@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 from fedlink.protocol.messages import TrainingPlan
 from fedlink.protocol.tensors import State
 
-from ..aggregate import WeightedSum, accumulator_dtype
+from ..aggregate import WeightedSum
 from ..errors import ConfigError
 from .base import Aggregation, ClientUpdate, Strategy, check_float, check_int
 from .updates import apply_pseudo_gradient
@@ -44,19 +44,9 @@ class BufferedAggregation(Aggregation):
     def finish(self) -> State:
         # The weighted mean times (Σ s / K) is (1/K) Σ s Δ: the paper's buffer average.
         scale = self._strategy.server_lr * self._sum.total_weight / self._sum.count
-        mean = self._sum.mean()
-        # The mean is fresh and ours alone: where it already has the model's dtype and is the accumulator's (float32,
-        # float64), the step is taken in its own memory -- the same bits as global + mean * scale, since addition
-        # is commutative -- so a server update holds the model and one mean, not a third model's worth. Half types
-        # step in float32 as every strategy does.
-        own = {
-            name: mean.pop(name) for name, value in list(mean.items())
-            if value.is_floating_point() and value.dtype == self._global[name].dtype == accumulator_dtype(value.dtype)
-        }
-        out = apply_pseudo_gradient("delta", self._global, mean, lambda name, delta: delta * scale)
-        for name, value in own.items():
-            out[name] = value.mul_(scale).add_(self._global[name])
-        return out
+        # The step is taken in the mean's own memory (see apply_pseudo_gradient): a server update holds the model
+        # and one mean, not a third model's worth.
+        return apply_pseudo_gradient("delta", self._global, self._sum.mean(), lambda name, delta: delta.mul_(scale))
 
 
 class FedBuff(Strategy):

@@ -92,6 +92,6 @@ class _NovaAggregation(Aggregation):
         assert self._kind is not None
         tau_eff = self._samples_times_a / self._samples
         scale = self._server_lr * tau_eff * self._sum.total_weight / self._samples
-        state = apply_pseudo_gradient(self._kind, self._global, mean, lambda name, delta: delta * scale)
+        state = apply_pseudo_gradient(self._kind, self._global, mean, lambda name, delta: delta.mul_(scale))
         return Aggregate(state, {"fednova_tau_eff": tau_eff, "fednova_steps_max": float(max(self._steps)),
                                  "fednova_steps_min": float(min(self._steps))})

@@ -174,7 +174,7 @@ class _ScaffoldAggregation(Aggregation):
         mean = self._sum.mean()  # raises on an empty round
         assert self._kind is not None
         lr = self._strategy.server_lr
-        state = apply_pseudo_gradient(self._kind, self._global, mean, lambda name, delta: delta * lr)
+        state = apply_pseudo_gradient(self._kind, self._global, mean, lambda name, delta: delta.mul_(lr))
         self._strategy._apply(self._delta_c, self._workers)
         squares = sum(float(t.double().square().sum()) for t in self._strategy._sum_c.values())
         n = self._strategy.num_workers or len(self._strategy._seen)

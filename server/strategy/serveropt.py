@@ -48,7 +48,8 @@ class ServerOptimizer(Strategy):
 
     @abstractmethod
     def step(self, name: str, delta: torch.Tensor) -> torch.Tensor:
-        """The change of tensor ``name`` for pseudo-gradient ``delta``, as a new tensor of ``delta``'s dtype."""
+        """The change of tensor ``name`` for pseudo-gradient ``delta``, as a new tensor of ``delta``'s dtype
+        that nothing else keeps (:func:`~.updates.apply_pseudo_gradient` adds the global value into it)."""
 
     def moment(self, group: str, name: str, like: torch.Tensor, initial: float) -> torch.Tensor:
         """Tensor ``name``'s value in ``group``, or ``initial`` everywhere before its first step."""

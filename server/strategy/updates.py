@@ -113,9 +113,12 @@ def apply_pseudo_gradient(
     """``global + step(name, Δ)`` for each floating-point tensor the update covers, ``Δ`` being the pseudo-gradient.
 
     ``Δ`` is ``combined - global`` for weights, ``combined`` for a delta and ``-combined`` for gradients, computed
-    in accumulator precision (float32 for half types); ``step`` returns a new tensor of that dtype. Integer and
-    bool tensors take the combined value; tensors the update lacks (buffers under ``gradients``) stay. Takes
-    ownership of ``combined`` and empties it as it goes, so memory holds about one extra tensor at a time.
+    in accumulator precision (float32 for half types); ``step`` returns the change in that dtype, as a tensor no one
+    else keeps: a new one, or ``Δ`` itself changed in place (``Δ`` belongs to this function). The global value is
+    added into that tensor (the same bits as ``global + change``: addition is commutative), so a strategy's step
+    costs no tensor of its own. Integer and bool tensors take the combined value; tensors the update lacks
+    (buffers under ``gradients``) stay. Takes ownership of ``combined`` and empties it as it goes, so memory
+    holds about one extra tensor at a time.
     """
     if kind not in ("weights", "delta", "gradients"):
         raise ValueError(f"unknown update kind {kind!r}")
@@ -134,7 +137,7 @@ def apply_pseudo_gradient(
                 delta = value.to(acc)
             else:
                 delta = -value.to(acc)
-            out[name] = (base.to(acc) + step(name, delta)).to(base.dtype)
+            out[name] = step(name, delta).add_(base.to(acc)).to(base.dtype)
     return out
 
 

@@ -50,8 +50,7 @@ def test_weights_and_refusals() -> None:
 def test_the_server_update_in_the_means_own_memory_has_the_reference_bits() -> None:
     """float32 steps in the mean's own memory, float16 in float32 as before, integers take the mean: every tensor
     has exactly the bits of ``global + mean * scale`` computed out of place, and the global model is untouched."""
-    from fedlink.server.aggregate import WeightedSum
-    from fedlink.server.strategy.updates import apply_pseudo_gradient
+    from fedlink.server.aggregate import WeightedSum, accumulator_dtype
 
     generator = torch.Generator().manual_seed(4)
     global_state = {
@@ -73,7 +72,12 @@ def test_the_server_update_in_the_means_own_memory_has_the_reference_bits() -> N
     for staleness, delta in deltas:
         reference_sum.add(delta, strategy.staleness_weight(staleness))
     scale = 0.7 * reference_sum.total_weight / reference_sum.count
-    reference = apply_pseudo_gradient("delta", global_state, reference_sum.mean(), lambda name, delta: delta * scale)
+    mean = reference_sum.mean()
+    reference = {  # out of place, in accumulator precision: what the server update computed before it was in place
+        name: (base.to(accumulator_dtype(base.dtype)) + mean[name].to(accumulator_dtype(base.dtype)) * scale).to(base.dtype)
+        if base.is_floating_point() else mean[name].to(base.dtype)
+        for name, base in global_state.items()
+    }
     assert list(out) == list(reference)
     for name in reference:
         assert out[name].dtype == reference[name].dtype
