@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from fedlink.collector import return_free_memory
 from fedlink.protocol.errors import ProtocolError
@@ -134,17 +132,9 @@ async def run_buffered(coordinator: "Coordinator", *, resume: bool = False) -> l
                     raise InvalidUpdate(f"answered a train request with {result.type!r}")
                 check_result(result, request=request, max_samples=worker.num_samples)
                 async with uploads:
-                    # As in a synchronous round: a large update goes to disk as it arrives and is read back a slice
-                    # at a time as it is checked and folded.
-                    received: Mapping[str, torch.Tensor]
-                    if spill.wanted(transfer.wire_header.nbytes):
-                        received = await inbound.fetch_spilled(spill, expected=transfer.wire_header)
-                        outcome.spilled_bytes = transfer.wire_header.nbytes
-                    else:
-                        received = await inbound.fetch(expected=transfer.wire_header)
+                    received, outcome.spilled_bytes = await transfer.receive(inbound, spill)
                 outcome.download_bytes, outcome.upload_bytes = sent_header.nbytes, transfer.wire_header.nbytes
-            if transfer.compression.name != "none":
-                received = await asyncio.to_thread(transfer.decode, received)
+            received = await transfer.dense(received)
             # A delta's frozen parameters are known to be zero; no model is read for them.
             update = transfer.complete(received, coordinator.state, result.update)
             del received  # the update holds what it needs; nothing else keeps it past the fold

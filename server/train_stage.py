@@ -213,18 +213,9 @@ class TrainStage(Stage[None]):
             self.observer.worker_status(self._requests[worker.name].round, worker.name, "uploading", "")
         transfer = self._transfers[worker.name]
         async with asyncio.timeout_at(deadline + waited):
-            # A large update goes to disk as it arrives, as sent: a compressed one is then decoded a slice at a
-            # time from there, as it is checked and folded.
-            if self.spill is not None and self.spill.wanted(transfer.wire_header.nbytes):
-                received: Mapping[str, torch.Tensor] = await inbound.fetch_spilled(
-                    self.spill, expected=transfer.wire_header
-                )
-                outcome.spilled_bytes = transfer.wire_header.nbytes
-            else:
-                received = await inbound.fetch(expected=transfer.wire_header)
+            received, outcome.spilled_bytes = await transfer.receive(inbound, self.spill)
         outcome.upload_bytes = transfer.wire_header.nbytes
-        if transfer.compression.name != "none":
-            received = await asyncio.to_thread(transfer.decode, received)
+        received = await transfer.dense(received)
         if self.transfer.folds_frozen:
             state = transfer.complete(received, self.global_state, result.update)
         else:

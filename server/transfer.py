@@ -23,6 +23,7 @@ still has: a worker that restarted or reconnected, or failed its last request, i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Mapping
@@ -43,8 +44,8 @@ from fedlink.compression import (
 from fedlink.protocol import capabilities
 from fedlink.protocol.limits import Limits
 from fedlink.protocol.messages import HookSpec, StateCache, TrainingPlan, UpdateKind
-from fedlink.protocol.session import Session
-from fedlink.protocol.spill import LazyState, subset
+from fedlink.protocol.session import Inbound, Session
+from fedlink.protocol.spill import LazyState, Spill, subset
 from fedlink.protocol.tensors import DTYPES, State, StateHeader
 
 from .errors import InvalidUpdate
@@ -87,6 +88,21 @@ class WorkerTransfer:
     sent_header: StateHeader  # the part of it the worker sends: without frozen parameters under upload trainable
     wire_header: StateHeader  # what the worker sends: ``sent_header`` under ``compression``
     compression: CompressionSpec
+
+    async def receive(self, inbound: Inbound, spill: Spill | None) -> tuple[Mapping[str, torch.Tensor], int]:
+        """The update announced by ``inbound``, as sent, and how many of its bytes went to disk: a large one is
+        written to an unnamed file as it arrives (``spill``), and a compressed one is then decoded from there a slice
+        at a time as it is checked and folded (:meth:`dense`)."""
+        if spill is not None and spill.wanted(self.wire_header.nbytes):
+            return await inbound.fetch_spilled(spill, expected=self.wire_header), self.wire_header.nbytes
+        return await inbound.fetch(expected=self.wire_header), 0
+
+    async def dense(self, received: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """What :meth:`receive` gave, as the dense update: a plain one as it is, a compressed one through
+        :meth:`decode` in a thread (its side tensors are checked whole there)."""
+        if self.compression.name == "none":
+            return received
+        return await asyncio.to_thread(self.decode, received)
 
     def decode(self, wire: Mapping[str, torch.Tensor]) -> DecodedState:
         """The dense update from what arrived (already checked against ``wire_header``), decoded a tensor at a
